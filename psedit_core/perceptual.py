@@ -1,0 +1,217 @@
+"""Tweedie estimates and perceptual (image-space) guidance of a denoiser.
+
+Notation (code name -> symbol):
+
+    x          x_t = x0 + sigma * eps      sampler state (ComfyUI / k-diffusion space)
+    z_t        sqrt(abar) * x_t            the same latent in DDPM scaling (the paper's ``z_t``)
+    denoised   D(x_t, sigma)               x0 prediction, ``= E[x0 | x_t]`` for the optimal denoiser
+    decode     R: latent -> image          differentiable decoder (VAE or TAESD), images NCHW in [0, 1]
+    loss       L(image) -> [batch]         e.g. LPIPS against the source photo
+    scale      zeta                        guidance step size
+
+Tweedie's formula (exact for the optimal denoiser):
+
+    x0_hat = x_t + sigma^2 * grad log p_sigma(x_t) = x_t - sigma * eps                             (T1)
+    x0_hat = (z_t - sqrt(1 - abar) * eps) / sqrt(abar)           (the paper's form, same value)   (T2)
+
+Perceptual guidance (paper sec. 3.2, in the manner of DPS): each guided step estimates x0, decodes it, measures
+``L`` against the source image and moves the prediction down the gradient:
+
+    g = d L(R(x0_hat)) / d x0_hat           gradient "x0":   the denoiser's Jacobian taken as the identity
+    g = d L(R(D(x_t, sigma))) / d x_t       gradient "full": through the denoiser too, as in DPS (slower)
+    delta = scale * clip(g)                 step "plain"
+    delta = scale * clip(g) / rms(g)        step "normalized": RMS length ``scale`` whatever L's magnitude
+    D_guided = D - delta
+
+Returning a corrected prediction (rather than editing ``x_t``) steers any sampler: an Euler step from ``sigma`` to
+``sigma_next`` then moves the latent by ``-(1 - sigma_next / sigma) * delta`` more than it would have. Outside the
+window, or when the gradient is not finite, the prediction passes through unchanged (the skip is logged).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+
+from .inversion import Denoiser
+
+__all__ = [
+    "PerceptualGuidanceConfig",
+    "guidance_delta",
+    "lpips_loss",
+    "perceptual_guidance",
+    "tweedie_x0",
+    "tweedie_x0_alpha",
+    "tweedie_x0_from_score",
+]
+
+log = logging.getLogger(__name__)
+
+GradientMode = Literal["x0", "full"]
+StepMode = Literal["plain", "normalized"]
+
+
+def _bcast(sigma: torch.Tensor | float, x: torch.Tensor) -> torch.Tensor | float:
+    if isinstance(sigma, torch.Tensor) and sigma.ndim > 0:
+        return sigma.reshape(-1, *([1] * (x.ndim - 1)))
+    return sigma
+
+
+def tweedie_x0(x: torch.Tensor, sigma: torch.Tensor | float, eps: torch.Tensor) -> torch.Tensor:
+    """Eq. (T1) in eps form: ``x0_hat = x - sigma * eps``."""
+    return x - _bcast(sigma, x) * eps
+
+
+def tweedie_x0_from_score(x: torch.Tensor, sigma: torch.Tensor | float, score: torch.Tensor) -> torch.Tensor:
+    """Eq. (T1) in score form: ``x0_hat = x + sigma^2 * grad log p_sigma(x)``."""
+    return x + _bcast(sigma, x) ** 2 * score
+
+
+def tweedie_x0_alpha(z_t: torch.Tensor, alpha_bar: torch.Tensor | float, eps: torch.Tensor) -> torch.Tensor:
+    """Eq. (T2), the paper's form: ``x0_hat = (z_t - sqrt(1 - abar) * eps) / sqrt(abar)``."""
+    a = _bcast(alpha_bar, z_t)
+    a = a if isinstance(a, torch.Tensor) else torch.tensor(a, dtype=z_t.dtype, device=z_t.device)
+    return (z_t - (1 - a).sqrt() * eps) / a.sqrt()
+
+
+@dataclass(frozen=True)
+class PerceptualGuidanceConfig:
+    """Settings of :func:`perceptual_guidance`.
+
+    Attributes:
+        scale: step size ``zeta`` (0 disables the guidance).
+        gradient: ``"x0"`` (through the decoder only) or ``"full"`` (through the denoiser too).
+        step: ``"plain"`` (``scale * g``) or ``"normalized"`` (``scale * g / rms(g)``, per sample).
+        clip: if set, each sample's gradient is rescaled so its RMS is at most ``clip`` (before the step).
+    """
+
+    scale: float
+    gradient: GradientMode = "x0"
+    step: StepMode = "plain"
+    clip: float | None = None
+
+    def __post_init__(self):
+        if not math.isfinite(self.scale) or self.scale < 0:
+            raise ValueError(f"perceptual guidance scale must be finite and >= 0, got {self.scale}")
+        if self.gradient not in ("x0", "full"):
+            raise ValueError(f"gradient must be 'x0' or 'full', got {self.gradient!r}")
+        if self.step not in ("plain", "normalized"):
+            raise ValueError(f"step must be 'plain' or 'normalized', got {self.step!r}")
+        if self.clip is not None and not (self.clip > 0):
+            raise ValueError(f"clip must be > 0 or None, got {self.clip}")
+
+
+def _rms(g: torch.Tensor) -> torch.Tensor:
+    """Per-sample root mean square, shaped to broadcast against ``g``."""
+    return g.pow(2).flatten(1).mean(1).sqrt().reshape(-1, *([1] * (g.ndim - 1)))
+
+
+def guidance_delta(grad: torch.Tensor, config: PerceptualGuidanceConfig) -> torch.Tensor:
+    """The correction ``delta`` subtracted from the prediction, per sample; non-finite samples give 0."""
+    finite = torch.isfinite(grad).flatten(1).all(1).reshape(-1, *([1] * (grad.ndim - 1)))
+    g = torch.where(finite, grad, torch.zeros_like(grad))
+    rms = _rms(g)
+    if config.clip is not None:
+        g = g * (config.clip / rms.clamp_min(1e-12)).clamp(max=1.0)
+        rms = _rms(g)
+    if config.step == "normalized":
+        g = g / rms.clamp_min(1e-12)
+    return config.scale * g
+
+
+def lpips_loss(
+    model: torch.nn.Module, source: torch.Tensor, *, mask: torch.Tensor | None = None
+) -> Callable[[torch.Tensor], torch.Tensor]:
+    """``L(image) = LPIPS(image, source)`` per sample, images NCHW in [0, 1] (mapped to LPIPS's [-1, 1]).
+
+    ``source`` is broadcast over the batch when it holds one image. With ``mask`` (N1HW in [0, 1], 1 = keep like
+    the source) the loss is LPIPS's spatial map averaged with those weights; ``model`` must then be built with
+    ``spatial=True``.
+    """
+    src = source.detach().float() * 2 - 1
+    weights = None if mask is None else mask.detach().float()
+
+    def loss(image: torch.Tensor) -> torch.Tensor:
+        img = image.float() * 2 - 1
+        s = src.to(img.device).expand(img.shape[0], -1, -1, -1) if src.shape[0] == 1 else src.to(img.device)
+        d = model(img, s)
+        if weights is None:
+            return d.flatten(1).mean(1)
+        w = weights.to(img.device)
+        if w.shape[-2:] != d.shape[-2:]:
+            w = torch.nn.functional.interpolate(w, size=d.shape[-2:], mode="bilinear")
+        return (d * w).flatten(1).sum(1) / w.flatten(1).sum(1).clamp_min(1e-6)
+
+    return loss
+
+
+def perceptual_guidance(
+    denoiser: Denoiser,
+    decode: Callable[[torch.Tensor], torch.Tensor],
+    loss: Callable[[torch.Tensor], torch.Tensor],
+    config: PerceptualGuidanceConfig,
+    *,
+    active: Callable[[torch.Tensor], bool] | None = None,
+    on_step: Callable[[dict], None] | None = None,
+) -> Denoiser:
+    """Wrap ``denoiser`` so it returns the perceptually guided prediction ``D - delta`` (module docstring).
+
+    Args:
+        denoiser: ``D(x, sigma, **kw) -> x0``. With ``gradient="full"`` it must be differentiable.
+        decode: latent (model space) -> image NCHW in [0, 1], differentiable.
+        loss: image -> per-sample loss (e.g. :func:`lpips_loss`); lower is closer to the source.
+        config: step size, gradient mode, step normalisation and clipping.
+        active: ``active(sigma) -> bool``; guidance only where it is true (e.g. a step window).
+        on_step: called after each guided evaluation with ``{"sigma", "loss", "grad_rms", "skipped"}``.
+
+    The gradient is taken with autograd switched on explicitly (``inference_mode(False)``, ``enable_grad``), so
+    the wrapper works inside a sampler decorated with ``no_grad``; ``decode`` and ``loss`` must hold ordinary
+    (non-inference) parameters. Inputs are never modified.
+    """
+
+    def guided(x: torch.Tensor, sigma: torch.Tensor, **kwargs) -> torch.Tensor:
+        if config.scale == 0 or (active is not None and not active(sigma)):
+            return denoiser(x, sigma, **kwargs)
+        with torch.inference_mode(False), torch.enable_grad():
+            if config.gradient == "full":
+                x_in = x.detach().clone().requires_grad_(True)
+                denoised = denoiser(x_in, sigma.detach().clone(), **kwargs)
+                wrt = x_in
+            else:
+                with torch.no_grad():
+                    denoised = denoiser(x, sigma, **kwargs)
+                denoised = denoised.detach().clone().requires_grad_(True)
+                wrt = denoised
+            if not torch.isfinite(denoised).all():
+                raise FloatingPointError(
+                    f"the denoiser returned NaN/inf at sigma={float(sigma.reshape(-1)[0]):.4g} before perceptual "
+                    "guidance ran; run the model in fp32 or bf16 (fp16 overflows on some checkpoints)"
+                )
+            values = loss(decode(denoised))
+            (grad,) = torch.autograd.grad(values.sum(), wrt)
+            result = denoised.detach()
+            delta = guidance_delta(grad.detach(), config)
+        bad = ~torch.isfinite(grad).flatten(1).all(1)
+        if bad.any() or not torch.isfinite(values).all():
+            log.warning(
+                "perceptual guidance skipped for %d of %d samples at sigma=%.4g: the loss or its gradient was not "
+                "finite", int(bad.sum()), bad.numel(), float(sigma.reshape(-1)[0]),
+            )
+            delta = torch.where(
+                torch.isfinite(values).reshape(-1, *([1] * (delta.ndim - 1))), delta, torch.zeros_like(delta)
+            )
+        if on_step is not None:
+            on_step({
+                "sigma": float(sigma.reshape(-1)[0]),
+                "loss": values.detach(),
+                "grad_rms": _rms(torch.nan_to_num(grad.detach(), nan=0.0, posinf=0.0, neginf=0.0)).flatten(),
+                "skipped": bool(bad.any()),
+            })
+        return result - delta
+
+    return guided
