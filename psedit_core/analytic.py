@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["ConditionalGaussian", "GaussianData"]
+__all__ = ["ConditionalGaussian", "EmbeddingGaussian", "GaussianData"]
 
 
 def _col(sigma: torch.Tensor | float, x: torch.Tensor) -> torch.Tensor | float:
@@ -64,3 +64,20 @@ class ConditionalGaussian:
 
     def denoiser(self, x: torch.Tensor, sigma: torch.Tensor, cond: int = 0, **_) -> torch.Tensor:
         return self.model(cond).denoiser(x, sigma)
+
+
+@dataclass(frozen=True)
+class EmbeddingGaussian:
+    """A Gaussian whose mean is a linear function of a text embedding: ``mu(c) = reshape(c @ W)``.
+
+    ``D(x, sigma, cond=c)`` is differentiable in ``c``, so null-text inversion can be checked on it exactly.
+    """
+
+    weight: torch.Tensor  # [embedding_dim, C*H*W]
+    s: torch.Tensor  # broadcastable to the latent, e.g. [1, C, H, W]
+
+    def mean(self, cond: torch.Tensor) -> torch.Tensor:
+        return (cond.reshape(cond.shape[0], -1) @ self.weight).reshape(cond.shape[0], *self.s.shape[1:])
+
+    def denoiser(self, x: torch.Tensor, sigma: torch.Tensor, cond: torch.Tensor = None, **_) -> torch.Tensor:
+        return GaussianData(self.mean(cond), self.s).denoiser(x, sigma)

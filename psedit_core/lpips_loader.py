@@ -141,7 +141,9 @@ def _construct(lpips, net, spatial, path, search_dirs, allow_download):
 
 @functools.lru_cache(maxsize=8)
 def _cached(net, spatial, trunk_file, search_dirs, allow_download, device):
-    return _build(net, spatial, trunk_file, search_dirs, allow_download).to(device)
+    # Built outside inference mode (hosts like ComfyUI run nodes inside it) so gradients can flow through it.
+    with torch.inference_mode(False):
+        return _build(net, spatial, trunk_file, search_dirs, allow_download).to(device)
 
 
 def get_lpips(

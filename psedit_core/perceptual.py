@@ -133,8 +133,9 @@ def lpips_loss(
     the source) the loss is LPIPS's spatial map averaged with those weights; ``model`` must then be built with
     ``spatial=True``.
     """
-    src = source.detach().float() * 2 - 1
-    weights = None if mask is None else mask.detach().float()
+    with torch.inference_mode(False):  # ordinary tensors, usable by autograd even if made under inference mode
+        src = source.detach().float().clone() * 2 - 1
+        weights = None if mask is None else mask.detach().float().clone()
 
     def loss(image: torch.Tensor) -> torch.Tensor:
         img = image.float() * 2 - 1

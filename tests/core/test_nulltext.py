@@ -1,0 +1,118 @@
+import pytest
+import torch
+
+from psedit_core.analytic import EmbeddingGaussian
+from psedit_core.guidance import cfg
+from psedit_core.inversion import ddim_invert, to_eps
+from psedit_core.nulltext import negative_prompt_inversion, null_text_inversion
+
+W = 7.5
+
+
+def karras(n: int, sigma_min=0.0292, sigma_max=14.6146, rho=7.0) -> torch.Tensor:
+    ramp = torch.linspace(0, 1, n)
+    s = (sigma_max ** (1 / rho) + ramp * (sigma_min ** (1 / rho) - sigma_max ** (1 / rho))) ** rho
+    return torch.cat([s, s.new_zeros(1)])
+
+
+@pytest.fixture(scope="module")
+def scene():
+    g = torch.Generator().manual_seed(0)
+    k = 16
+    model = EmbeddingGaussian(torch.randn(k, 4 * 8 * 8, generator=g) / k**0.5, torch.full((1, 4, 8, 8), 0.7))
+    source, null = torch.randn(1, k, generator=g), torch.randn(1, k, generator=g)
+    x0 = model.mean(source) + 0.7 * torch.randn(1, 4, 8, 8, generator=g)
+    return model, source, null, x0
+
+
+def sample_cfg(model, x, sigmas, nulls, source, w):
+    for i in range(sigmas.numel() - 1):
+        s = sigmas[i].reshape(1)
+        d = cfg(model.denoiser(x, s, cond=nulls[i]), model.denoiser(x, s, cond=source), w)
+        x = x + (sigmas[i + 1] - sigmas[i]) * to_eps(x, s, d)
+    return x
+
+
+def mse(a, b):
+    return (a - b).pow(2).mean().item()
+
+
+@pytest.mark.parametrize("n", [10, 25])
+def test_null_text_reconstructs_at_high_guidance(scene, n):
+    model, source, null, x0 = scene
+    sigmas = karras(n)
+    inv = ddim_invert(lambda x, s: model.denoiser(x, s, cond=source), x0, sigmas)
+    plain = sample_cfg(model, inv.inverted, sigmas, [null] * n, source, W)
+    result = null_text_inversion(model.denoiser, inv.latents, sigmas, source, null, W, inner_steps=20,
+                                 early_stop=1e-6, lr=0.05)
+    nti = sample_cfg(model, inv.inverted, sigmas, result.nulls, source, W)
+    assert torch.allclose(nti, result.final, atol=1e-5)
+    assert mse(nti, x0) < mse(plain, x0) / 100, (mse(plain, x0), mse(nti, x0))
+    # It cannot beat the inversion itself: the sampled w=1 round trip bounds what any null schedule reaches.
+    assert mse(nti, x0) < 2 * mse(inv.latents[-1], x0) + 0.05
+    assert len(result.nulls) == n and all(t.shape == null.shape for t in result.nulls)
+
+
+def test_null_text_lands_on_trajectory_each_step(scene):
+    model, source, null, x0 = scene
+    sigmas = karras(10)
+    inv = ddim_invert(lambda x, s: model.denoiser(x, s, cond=source), x0, sigmas)
+    result = null_text_inversion(model.denoiser, inv.latents, sigmas, source, null, W, inner_steps=50,
+                                 early_stop=1e-7, lr=0.05)
+    untouched = null_text_inversion(model.denoiser, inv.latents, sigmas, source, null, W, inner_steps=0)
+    # The 16-dim embedding cannot move the 256-dim latent exactly onto the target, but it gets close: per-step
+    # losses drop from 10-70 (no optimisation, the drift piling up) to below 0.1.
+    assert all(r < u / 100 for r, u in zip(result.losses, untouched.losses, strict=True)), result.losses
+    assert max(result.losses) < 0.1
+    assert all(1 <= it <= 50 for it in result.iterations) and untouched.iterations == (0,) * 10
+
+
+def test_early_stop_and_inputs_untouched(scene):
+    model, source, null, x0 = scene
+    sigmas = karras(10)
+    inv = ddim_invert(lambda x, s: model.denoiser(x, s, cond=source), x0, sigmas)
+    before = (source.clone(), null.clone(), [t.clone() for t in inv.latents])
+    loose = null_text_inversion(model.denoiser, inv.latents, sigmas, source, null, W, inner_steps=50,
+                                early_stop=1e3, lr=0.05)
+    assert loose.iterations == (1,) * 10  # a threshold every loss is under stops after one iteration
+    assert torch.equal(source, before[0]) and torch.equal(null, before[1])
+    assert all(torch.equal(a, b) for a, b in zip(inv.latents, before[2], strict=True))
+
+
+def test_negative_prompt_inversion_is_exact_as_the_inversion(scene):
+    model, source, null, x0 = scene
+    sigmas = karras(25)
+    inv = ddim_invert(lambda x, s: model.denoiser(x, s, cond=source), x0, sigmas, refine=10)
+    npi = sample_cfg(model, inv.inverted, sigmas, negative_prompt_inversion(source, 25), source, W)
+    assert mse(npi, x0) < 1e-8
+
+
+def test_works_on_a_small_network_under_inference_mode():
+    """Any differentiable conditional denoiser: a small random conv net conditioned on an embedding."""
+    g = torch.Generator().manual_seed(1)
+    net = torch.nn.Sequential(torch.nn.Conv2d(4 + 8, 16, 3, padding=1), torch.nn.SiLU(), torch.nn.Conv2d(16, 4, 3,
+                                                                                                    padding=1))
+    with torch.no_grad():
+        for p in net.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * 0.2)
+
+    def denoiser(x, sigma, cond=None):
+        c = cond.reshape(cond.shape[0], -1, 1, 1).expand(-1, -1, *x.shape[-2:])
+        scale = (1 + sigma.reshape(-1, 1, 1, 1) ** 2).rsqrt()
+        return x * scale**2 + net(torch.cat([x * scale, c], 1)) * 0.1
+
+    source, null = torch.randn(1, 8, generator=g), torch.randn(1, 8, generator=g)
+    x0 = torch.randn(1, 4, 8, 8, generator=g)
+    sigmas = karras(8)
+    with torch.inference_mode():
+        inv = ddim_invert(lambda x, s: denoiser(x, s, cond=source), x0, sigmas)
+        untouched = null_text_inversion(denoiser, inv.latents, sigmas, source, null, W, inner_steps=0)
+        result = null_text_inversion(denoiser, inv.latents, sigmas, source, null, W, inner_steps=30, lr=0.05)
+    assert mse(result.final, x0) < mse(untouched.final, x0) / 5, (mse(untouched.final, x0), mse(result.final, x0))
+
+
+def test_rejects_mismatched_trajectory(scene):
+    model, source, null, x0 = scene
+    inv = ddim_invert(lambda x, s: model.denoiser(x, s, cond=source), x0, karras(10))
+    with pytest.raises(ValueError, match="invert with these sigmas"):
+        null_text_inversion(model.denoiser, inv.latents, karras(12), source, null, W)
