@@ -1,0 +1,18 @@
+"""PSEdit's ComfyUI nodes (V3 API). Thin: validate inputs, call :mod:`psedit_core`, return ComfyUI objects."""
+
+from __future__ import annotations
+
+from comfy_api.latest import ComfyExtension, io
+
+from .guidance import PerceptualGuidanceNode, StepWindowNode, TripleGuiderNode
+from .inversion import DDIMInvert
+from .nulltext import NullTextInversion
+
+NODES: list[type[io.ComfyNode]] = [
+    DDIMInvert, NullTextInversion, TripleGuiderNode, PerceptualGuidanceNode, StepWindowNode,
+]
+
+
+class PSEditExtension(ComfyExtension):
+    async def get_node_list(self) -> list[type[io.ComfyNode]]:
+        return list(NODES)

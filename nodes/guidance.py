@@ -1,0 +1,255 @@
+"""PSEdit Triple Guider, Perceptual Guidance and Step Window nodes.
+
+Both guiders hand ``SamplerCustomAdvanced`` a GUIDER, so every stock sampler, scheduler, preview and Cancel works.
+Windows are evaluated against the schedule being sampled (``transformer_options["sample_sigmas"]``).
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import math
+
+import comfy.model_patcher
+import comfy.patcher_extension
+import comfy.samplers
+import node_helpers
+import torch
+from comfy_api.latest import io
+
+from ..psedit_core.guidance import triple_guidance
+from ..psedit_core.lpips_loader import LPIPS_NETS, get_lpips
+from ..psedit_core.perceptual import PerceptualGuidanceConfig, lpips_loss, perceptual_guidance
+from ..psedit_core.schedule import StepWindow
+from . import _comfy
+from .nulltext import NullScheduleType
+
+log = logging.getLogger(__name__)
+
+WindowType = io.Custom("PSEDIT_WINDOW")
+
+
+def window_active(window: StepWindow | None, model_options: dict, sigma: torch.Tensor) -> bool:
+    """Whether a model evaluation at ``sigma`` lies in ``window`` of the schedule being sampled."""
+    if window is None or window.is_full:
+        return True
+    sigmas = _comfy.sample_sigmas(model_options)
+    if sigmas is None:
+        raise RuntimeError("PSEdit step windows need the sampler's SIGMAS: sample with SamplerCustomAdvanced")
+    window.check_not_empty(sigmas.numel() - 1)
+    return window.contains(sigmas, sigma)
+
+
+class StepWindowNode(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="PSEditStepWindow",
+            display_name="PSEdit Step Window",
+            category="PSEdit",
+            description=(
+                "A range of sampling steps, as fractions of the step count, in which a PSEdit guidance acts. "
+                "start 0, end 0.4 = the first 40% of the steps (the paper's text guidance: first 20 of 50)."
+            ),
+            inputs=[
+                io.Float.Input("start", default=0.0, min=0.0, max=1.0, step=0.01,
+                               tooltip="First step of the window, as a fraction of the steps (0 = the first step)."),
+                io.Float.Input("end", default=1.0, min=0.0, max=1.0, step=0.01,
+                               tooltip="End of the window (exclusive), as a fraction of the steps (1 = the last)."),
+            ],
+            outputs=[WindowType.Output("window", tooltip="Connect to a PSEdit guider's window input.")],
+        )
+
+    @classmethod
+    def execute(cls, start, end) -> io.NodeOutput:
+        return io.NodeOutput(StepWindow(float(start), float(end)))
+
+
+# --- triple guidance -------------------------------------------------------------------------------------------------
+
+class TripleGuider(comfy.samplers.CFGGuider):
+    """``null + gamma (src - null) + beta (edit - src)`` inside the window, plain CFG(null, edit, gamma) outside.
+
+    One batched ``calc_cond_batch`` for the three predictions; the model's pre- and post-CFG hooks run as they do
+    in ``sampling_function`` (as the stock PerpNeg guider does), so patches such as RescaleCFG keep working.
+    """
+
+    def set_conds(self, null, source, edit):
+        source = node_helpers.conditioning_set_values(source, {"prompt_type": "negative"})
+        self.inner_set_conds({"null": null, "source": source, "edit": edit})
+
+    def set_params(self, gamma: float, beta: float, window: StepWindow | None, null_schedule=None):
+        self.gamma, self.beta, self.window = gamma, beta, window
+        self.null_schedule = null_schedule
+        if null_schedule is not None:
+            # One cond entry per step, so ComfyUI prepares every per-step null embedding like any other cond.
+            self.inner_set_conds(null_schedule.as_conds())
+            if abs(null_schedule.guidance - gamma) > 1e-6:
+                log.warning("null schedule was optimised for guidance %.2f but gamma is %.2f: the photo is "
+                            "reconstructed faithfully only when they match", null_schedule.guidance, gamma)
+
+    def null_for(self, model_options, timestep):
+        """The null conditioning for this step: the fixed one, or a per-step one from null-text inversion."""
+        if self.null_schedule is None:
+            return self.conds.get("null")
+        return self.conds.get(self.null_schedule.key_for(_comfy.sample_sigmas(model_options), timestep))
+
+    def predict_noise(self, x, timestep, model_options={}, seed=None):  # noqa: B006 (ComfyUI's signature)
+        null = self.null_for(model_options, timestep)
+        edit = self.conds.get("edit")
+        if not window_active(self.window, model_options, timestep):
+            return comfy.samplers.sampling_function(
+                self.inner_model, x, timestep, null, edit, self.gamma, model_options=model_options, seed=seed
+            )
+        conds = [null, self.conds.get("source"), edit]
+        out = comfy.samplers.calc_cond_batch(self.inner_model, conds, x, timestep, model_options)
+        for fn in model_options.get("sampler_pre_cfg_function", []):
+            out = fn({"conds": conds, "conds_out": out, "cond_scale": self.gamma, "timestep": timestep, "input": x,
+                      "sigma": timestep, "model": self.inner_model, "model_options": model_options})
+        result = triple_guidance(out[0], out[1], out[2], self.gamma, self.beta)
+        for fn in model_options.get("sampler_post_cfg_function", []):
+            result = fn({"denoised": result, "cond": edit, "uncond": null, "cond_scale": self.gamma,
+                         "model": self.inner_model, "uncond_denoised": out[0], "cond_denoised": out[2],
+                         "sigma": timestep, "model_options": model_options, "input": x,
+                         "source_cond": conds[1], "source_denoised": out[1]})
+        return result
+
+
+class TripleGuiderNode(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="PSEditTripleGuider",
+            display_name="PSEdit Triple Guider",
+            category="PSEdit",
+            description=(
+                "Text guidance optimisation (arXiv 2312.06680 eq. 1-2): e = e_null + gamma (e_src - e_null) + "
+                "beta (e_edit - e_src), from one batched model call. beta = 0 reconstructs the photo, larger beta "
+                "edits more. Outside the window it is plain CFG on the edit prompt with scale gamma."
+            ),
+            inputs=[
+                io.Model.Input("model", tooltip="The checkpoint's MODEL."),
+                io.Conditioning.Input("null", tooltip="Unconditional conditioning (an empty prompt)."),
+                io.Conditioning.Input("source", tooltip="The source caption: what the photo shows."),
+                io.Conditioning.Input("edit", tooltip="The edit caption: what the photo should show."),
+                io.Float.Input("gamma", default=7.5, min=0.0, max=30.0, step=0.1, round=0.01,
+                               tooltip="Text guidance scale (the usual CFG scale) toward the source caption."),
+                io.Float.Input("beta", default=3.0, min=-10.0, max=30.0, step=0.1, round=0.01,
+                               tooltip="Edit strength: how far from the source caption toward the edit caption."),
+                WindowType.Input("window", optional=True,
+                                 tooltip="Steps where triple guidance acts (PSEdit Step Window); default all."),
+                NullScheduleType.Input(
+                    "null_schedule", optional=True,
+                    tooltip="Per-step null embeddings from PSEdit Null-Text Inversion; replaces 'null' when given."),
+            ],
+            outputs=[io.Guider.Output(tooltip="Connect to SamplerCustomAdvanced or PSEdit Perceptual Guidance.")],
+        )
+
+    @classmethod
+    def execute(cls, model, null, source, edit, gamma, beta, window=None, null_schedule=None) -> io.NodeOutput:
+        for name, cond in (("null", null), ("source", source), ("edit", edit)):
+            _comfy.check_conditioning(model, cond, name)
+        if not (math.isfinite(gamma) and math.isfinite(beta)):
+            raise ValueError("gamma and beta must be finite numbers")
+        if null_schedule is not None:
+            null_schedule.check_model(model)
+        guider = TripleGuider(model)
+        guider.set_conds(null, source, edit)
+        guider.set_params(float(gamma), float(beta), window, null_schedule)
+        return io.NodeOutput(guider)
+
+
+# --- perceptual guidance ---------------------------------------------------------------------------------------------
+
+class PerceptualWrapper:
+    """A PREDICT_NOISE wrapper: the inner guider's prediction, corrected by perceptual guidance (core)."""
+
+    def __init__(self, model, vae, image, config, net, decoder, window, mask=None):
+        self.model, self.vae, self.image, self.config = model, vae, image, config
+        self.net, self.decoder, self.window, self.mask = net, decoder, window, mask
+        self._cache = {}
+
+    def _setup(self, x: torch.Tensor):
+        key = (x.shape, x.device)
+        if key not in self._cache:
+            ratio = _comfy.vae_ratio(self.vae, self.decoder)
+            image = _comfy.match_image_to_latent(self.image, tuple(x.shape[-2:]), x.shape[0], ratio)
+            decode = _comfy.make_decoder(self.model, self.vae, self.decoder, x.device)
+            source = image[..., :3].movedim(-1, 1).to(x.device)
+            spatial = self.mask is not None
+            net = get_lpips(self.net, search_dirs=_comfy.lpips_search_dirs(), spatial=spatial, device=x.device)
+            mask = None if self.mask is None else self.mask.to(x.device)
+            self._cache = {key: (decode, lpips_loss(net, source, mask=mask))}
+        return self._cache[key]
+
+    def __call__(self, executor, x, timestep, model_options, seed):
+        def inner(x_, sigma_):
+            return executor(x_, sigma_, model_options, seed)
+
+        if not window_active(self.window, model_options, timestep):
+            return inner(x, timestep)
+        decode, loss = self._setup(x)
+        guided = perceptual_guidance(inner, decode, loss, self.config)
+        return guided(x, timestep)
+
+
+def wrap_guider(guider, wrapper: PerceptualWrapper, differentiable: bool):
+    """A shallow copy of ``guider`` with ``wrapper`` around its ``predict_noise``; the input guider is unchanged."""
+    wrapped = copy.copy(guider)
+    wrapped.model_options = comfy.model_patcher.create_model_options_clone(guider.model_options)
+    comfy.patcher_extension.add_wrapper_with_key(
+        comfy.patcher_extension.WrappersMP.PREDICT_NOISE, "psedit_perceptual", wrapper, wrapped.model_options,
+        is_model_options=True,
+    )
+    if differentiable:
+        wrapped.model_patcher = _comfy.differentiable_patcher(guider.model_patcher)
+    return wrapped
+
+
+class PerceptualGuidanceNode(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="PSEditPerceptualGuidance",
+            display_name="PSEdit Perceptual Guidance",
+            category="PSEdit",
+            description=(
+                "Wraps any GUIDER: each step the predicted clean latent is decoded, compared with the source photo "
+                "by LPIPS, and the prediction is moved down that gradient (arXiv 2312.06680, sec. 3.2), keeping "
+                "what the edit should not touch. Outside its window it passes the guider's prediction through."
+            ),
+            inputs=[
+                io.Guider.Input("guider", tooltip="The guider to correct, e.g. PSEdit Triple Guider."),
+                io.Vae.Input("vae", tooltip="The checkpoint's VAE (used when decoder is 'vae')."),
+                io.Image.Input("image", tooltip="The source photo, the same image you VAE-encoded (same size)."),
+                io.Float.Input("strength", default=0.1, min=0.0, max=10.0, step=0.01, round=0.001,
+                               tooltip="Step size. With step 'normalized' it is the RMS latent change per step "
+                               "(0.05-0.15 is typical; too large overshoots); with 'plain' it multiplies the raw "
+                               "LPIPS gradient."),
+                io.Combo.Input("lpips_net", options=list(LPIPS_NETS), default="vgg",
+                               tooltip="LPIPS trunk: vgg is the recommended loss, alex the recommended metric, "
+                               "squeeze the lightest. Weights are looked up in models/lpips first."),
+                io.Combo.Input("gradient", options=["x0", "full"], default="x0",
+                               tooltip="x0: gradient through the decoder only (fast). full: through the model too, "
+                               "as in DPS (about 3x slower, more memory)."),
+                io.Combo.Input("decoder", options=["vae", "taesd"], default="taesd",
+                               tooltip="Decoder for the guidance: the checkpoint's VAE (exact, slow backward) or "
+                               "TAESD from models/vae_approx (about 15x cheaper)."),
+                io.Combo.Input("step", options=["normalized", "plain"], default="normalized",
+                               tooltip="normalized: each step has RMS length 'strength' (DPS-style); plain: "
+                               "strength x gradient."),
+                WindowType.Input("window", optional=True,
+                                 tooltip="Steps where perceptual guidance acts (PSEdit Step Window); default all."),
+            ],
+            outputs=[io.Guider.Output(tooltip="Connect to SamplerCustomAdvanced.")],
+        )
+
+    @classmethod
+    def execute(cls, guider, vae, image, strength, lpips_net, gradient, decoder, step, window=None):
+        if not isinstance(guider, comfy.samplers.CFGGuider):
+            raise ValueError("guider must be a ComfyUI GUIDER (CFGGuider, DualCFGGuider, PSEdit Triple Guider, ...)")
+        if image.ndim != 4 or image.shape[-1] < 3:
+            raise ValueError(f"image must be a ComfyUI IMAGE [batch, height, width, 3], got {tuple(image.shape)}")
+        config = PerceptualGuidanceConfig(scale=float(strength), gradient=gradient, step=step)
+        wrapper = PerceptualWrapper(guider.model_patcher, vae, image, config, lpips_net, decoder, window)
+        return io.NodeOutput(wrap_guider(guider, wrapper, differentiable=(gradient == "full")))

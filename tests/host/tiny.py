@@ -1,0 +1,157 @@
+"""Host-tier helpers: a real ComfyUI (COMFYUI_PATH), tiny SD-architecture models built in code, the real TAESD.
+
+Also used by ``benchmarks/`` (which put this folder on ``sys.path``). Nothing here downloads anything.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import sys
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parents[2]
+WEIGHTS = REPO.parent / "shared" / "weights"
+PACK_NAME = "psedit_pack"
+
+
+class ComfyUnavailable(RuntimeError):
+    pass
+
+
+def comfy_path() -> Path:
+    path = os.environ.get("COMFYUI_PATH")
+    if not path or not (Path(path) / "comfy" / "model_management.py").is_file():
+        raise ComfyUnavailable("set COMFYUI_PATH to a ComfyUI checkout to run host tests")
+    return Path(path)
+
+
+def import_comfy():
+    """Put ComfyUI on ``sys.path`` in CPU mode (before ``comfy.model_management`` is imported) and return it."""
+    root = str(comfy_path())
+    if root not in sys.path:
+        sys.path.insert(0, root)
+    from comfy.cli_args import args
+
+    if not torch.cuda.is_available():
+        args.cpu = True
+    import comfy.model_management  # noqa: F401  (initialised in the mode chosen above)
+
+    return root
+
+
+def load_pack():
+    """Import the repository the way ComfyUI imports a custom node folder (a package from its ``__init__.py``)."""
+    import_comfy()
+    if PACK_NAME in sys.modules:
+        return sys.modules[PACK_NAME]
+    spec = importlib.util.spec_from_file_location(
+        PACK_NAME, REPO / "__init__.py", submodule_search_locations=[str(REPO)]
+    )
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[PACK_NAME] = module
+    spec.loader.exec_module(module)
+    importlib.import_module(f"{PACK_NAME}.nodes")
+    return module
+
+
+def _unet_config(family: str) -> dict:
+    cfg = dict(
+        model_channels=32, channel_mult=[1, 2], num_res_blocks=[1, 1], transformer_depth=[1, 1],
+        transformer_depth_output=[1, 1, 1, 1], transformer_depth_middle=1, use_linear_in_transformer=False,
+        use_spatial_transformer=True, legacy=False, in_channels=4, out_channels=4, use_checkpoint=False,
+        use_temporal_attention=False, use_temporal_resblock=False, num_heads=-1, num_head_channels=32,
+        image_size=32, context_dim=768, adm_in_channels=None,
+    )
+    if family == "sdxl":
+        cfg.update(context_dim=2048, adm_in_channels=2816, use_linear_in_transformer=True, num_classes="sequential",
+                   model_channels=64)
+    return cfg
+
+
+def build_tiny(family: str = "sd15", prediction: str = "eps", seed: int = 0, size: str = "tiny", std: float = 0.04):
+    """A ModelPatcher around an SD1.5- or SDXL-architecture UNet with deterministic random weights.
+
+    ``size="full"`` builds the full SD1.5 UNet (860 M parameters) for benchmarks.
+    """
+    import_comfy()
+    import comfy.model_base
+    import comfy.model_patcher
+    import comfy.supported_models
+
+    if size == "full":
+        unet = dict(
+            model_channels=320, channel_mult=[1, 2, 4, 4], num_res_blocks=[2, 2, 2, 2],
+            transformer_depth=[1, 1, 1, 0], transformer_depth_output=[1, 1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0],
+            transformer_depth_middle=1, use_linear_in_transformer=False, use_spatial_transformer=True,
+            legacy=False, in_channels=4, out_channels=4, use_checkpoint=False, use_temporal_attention=False,
+            use_temporal_resblock=False, num_heads=8, num_head_channels=-1, image_size=32, context_dim=768,
+            adm_in_channels=None,
+        )
+    else:
+        unet = _unet_config(family)
+    config_cls = comfy.supported_models.SDXL if family == "sdxl" else comfy.supported_models.SD15
+    model_config = config_cls(unet)
+    model_config.set_inference_dtype(torch.float32, None)
+    model_type = comfy.model_base.ModelType.V_PREDICTION if prediction == "v" else comfy.model_base.ModelType.EPS
+    model_cls = comfy.model_base.SDXL if family == "sdxl" else comfy.model_base.BaseModel
+    model = model_cls(model_config, model_type=model_type)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.ndim == 1 and "norm" in name:
+                p.copy_(torch.ones_like(p) if name.endswith("weight") else torch.zeros_like(p))
+            else:
+                p.copy_(torch.randn(p.shape, generator=g) * std)
+    device = torch.device("cpu")
+    return comfy.model_patcher.ModelPatcher(model, load_device=device, offload_device=device)
+
+
+def conditioning(family: str, seed: int, tokens: int = 77):
+    """CONDITIONING as CLIPTextEncode makes it, with deterministic random embeddings (no text encoder)."""
+    g = torch.Generator().manual_seed(1000 + seed)
+    width = 2048 if family == "sdxl" else 768
+    extra = {}
+    if family == "sdxl":
+        extra["pooled_output"] = torch.randn(1, 1280, generator=g)
+    return [[torch.randn(1, tokens, width, generator=g), extra]]
+
+
+def taesd_vae(family: str = "sd15"):
+    """A ComfyUI VAE from the real TAESD files in ../shared/weights (None when they are absent)."""
+    import_comfy()
+    import comfy.sd
+    from safetensors.torch import load_file
+
+    name = "taesdxl" if family == "sdxl" else "taesd"
+    folder = WEIGHTS / "taesd"
+    if not (folder / f"{name}_decoder.safetensors").is_file():
+        return None
+    sd = {}
+    for part in ("encoder", "decoder"):
+        for k, v in load_file(str(folder / f"{name}_{part}.safetensors")).items():
+            sd[f"taesd_{part}.{k}"] = v
+    sd["vae_scale"] = torch.tensor(0.13025 if family == "sdxl" else 0.18215)
+    sd["vae_shift"] = torch.tensor(0.0)
+    return comfy.sd.VAE(sd=sd)
+
+
+def register_shared_weights():
+    """Point ComfyUI's vae_approx and lpips model folders at ../shared/weights (as a user's models/ would be)."""
+    import folder_paths
+
+    folder_paths.add_model_folder_path("vae_approx", str(WEIGHTS / "taesd"))
+    folder_paths.add_model_folder_path("lpips", str(WEIGHTS / "lpips"))
+
+
+def photo(size: int = 64, batch: int = 1) -> torch.Tensor:
+    """A real photo (scikit-image's astronaut) as a ComfyUI IMAGE [B, H, W, 3] in [0, 1]."""
+    import numpy as np
+    from PIL import Image
+    from skimage import data
+
+    img = Image.fromarray(data.astronaut()).resize((size, size), Image.LANCZOS)
+    t = torch.from_numpy(np.array(img)).float()[None] / 255
+    return t.expand(batch, -1, -1, -1).contiguous()
