@@ -91,7 +91,8 @@ def null_text_inversion(
     nulls, losses, iterations = [], [], []
     with torch.inference_mode(False), torch.enable_grad():
         x = latents[0].detach().clone()
-        src = source.detach().clone()
+        sigmas = sigmas.detach().clone()  # an inference tensor cannot be saved for backward
+        src = source  # passed through as given: hosts may recognise it by identity; never modified
         phi = null.detach().clone()
         for i in range(n):
             s, s_next = sigmas[i].to(x), sigmas[i + 1].to(x)
