@@ -6,10 +6,11 @@ from comfy_api.latest import ComfyExtension, io
 
 from .guidance import PerceptualGuidanceNode, StepWindowNode, TripleGuiderNode
 from .inversion import DDIMInvert
+from .masks import EditMask
 from .nulltext import NullTextInversion
 
 NODES: list[type[io.ComfyNode]] = [
-    DDIMInvert, NullTextInversion, TripleGuiderNode, PerceptualGuidanceNode, StepWindowNode,
+    DDIMInvert, NullTextInversion, TripleGuiderNode, PerceptualGuidanceNode, StepWindowNode, EditMask,
 ]
 
 

@@ -19,6 +19,7 @@ import torch
 log = logging.getLogger(__name__)
 
 LPIPS_FOLDER = "lpips"
+SPATIAL_RATIO = 8  # image pixels per latent pixel for SD1.x / SDXL VAEs and TAESD
 
 
 # --- model facts -------------------------------------------------------------------------------------------------
@@ -95,6 +96,30 @@ def match_image_to_latent(image: torch.Tensor, latent_hw: tuple[int, int], batch
             f"source image batch is {image.shape[0]} but the latent batch is {batch}: use one image, or one per latent"
         )
     return image
+
+
+# --- running inside ComfyUI's sampling set-up -------------------------------------------------------------------------
+
+def run_in_sampler(model, positive, negative, cfg: float, latent: torch.Tensor, sigmas: torch.Tensor, fn):
+    """Run ``fn(model_k, x, sigmas, extra_args, store)`` as a custom sampler inside ``CFGGuider.sample``.
+
+    ComfyUI then loads the model, prepares the conditionings, applies model patches and converts ``latent`` (raw
+    VAE latent) to model space, exactly as for sampling. Returns what ``fn`` returned (a model-space latent),
+    converted back to a raw latent, and the dict ``store`` that ``fn`` filled.
+    """
+    import comfy.samplers
+
+    guider = comfy.samplers.CFGGuider(model)
+    guider.set_conds(positive, negative)
+    guider.set_cfg(cfg)
+    store = {}
+
+    def sampler_fn(model_k, x, sigmas, extra_args=None, callback=None, disable=None):
+        return fn(model_k, x, sigmas, extra_args or {}, store)
+
+    out = guider.sample(torch.zeros_like(latent), latent, comfy.samplers.KSAMPLER(sampler_fn), sigmas,
+                        disable_pbar=True, seed=0)
+    return out, store
 
 
 # --- progress and cancel -----------------------------------------------------------------------------------------
@@ -204,8 +229,8 @@ def make_decoder(model, vae, choice: str, device: torch.device):
 
 def vae_ratio(vae, choice: str) -> int:
     if choice == "taesd" or vae is None:
-        return 8
-    return int(getattr(vae, "downscale_ratio", 8))
+        return SPATIAL_RATIO
+    return int(getattr(vae, "downscale_ratio", SPATIAL_RATIO))
 
 
 # --- LPIPS --------------------------------------------------------------------------------------------------------

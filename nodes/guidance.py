@@ -19,6 +19,7 @@ from comfy_api.latest import io
 
 from ..psedit_core.guidance import triple_guidance
 from ..psedit_core.lpips_loader import LPIPS_NETS, get_lpips
+from ..psedit_core.masks import masked_perceptual_loss
 from ..psedit_core.perceptual import PerceptualGuidanceConfig, lpips_loss, perceptual_guidance
 from ..psedit_core.schedule import StepWindow
 from . import _comfy
@@ -164,9 +165,10 @@ class TripleGuiderNode(io.ComfyNode):
 class PerceptualWrapper:
     """A PREDICT_NOISE wrapper: the inner guider's prediction, corrected by perceptual guidance (core)."""
 
-    def __init__(self, model, vae, image, config, net, decoder, window, mask=None):
+    def __init__(self, model, vae, image, config, net, decoder, window, mask=None, pixel_weight=0.0):
         self.model, self.vae, self.image, self.config = model, vae, image, config
         self.net, self.decoder, self.window, self.mask = net, decoder, window, mask
+        self.pixel_weight = pixel_weight
         self._cache = {}
 
     def _setup(self, x: torch.Tensor):
@@ -176,11 +178,22 @@ class PerceptualWrapper:
             image = _comfy.match_image_to_latent(self.image, tuple(x.shape[-2:]), x.shape[0], ratio)
             decode = _comfy.make_decoder(self.model, self.vae, self.decoder, x.device)
             source = image[..., :3].movedim(-1, 1).to(x.device)
-            spatial = self.mask is not None
-            net = get_lpips(self.net, search_dirs=_comfy.lpips_search_dirs(), spatial=spatial, device=x.device)
-            mask = None if self.mask is None else self.mask.to(x.device)
-            self._cache = {key: (decode, lpips_loss(net, source, mask=mask))}
+            region = None
+            if self.mask is not None:
+                mask = self.mask[None] if self.mask.ndim == 2 else self.mask
+                if tuple(mask.shape[-2:]) == tuple(self.image.shape[1:3]):  # crop it as the image was cropped
+                    mask = _comfy.match_image_to_latent(mask[..., None], tuple(x.shape[-2:]), x.shape[0], ratio)[..., 0]
+                region = mask[:, None].to(x.device)
+            self._cache = {key: (decode, self._loss(source, region))}
         return self._cache[key]
+
+    def _loss(self, source: torch.Tensor, region: torch.Tensor | None):
+        dirs = _comfy.lpips_search_dirs()
+        if region is None and self.pixel_weight == 0:
+            return lpips_loss(get_lpips(self.net, search_dirs=dirs, device=source.device), source)
+        net = get_lpips(self.net, search_dirs=dirs, spatial=True, device=source.device)
+        region = torch.zeros_like(source[:, :1]) if region is None else region
+        return masked_perceptual_loss(net, source, region, pixel_weight=self.pixel_weight)
 
     def __call__(self, executor, x, timestep, model_options, seed):
         def inner(x_, sigma_):
@@ -238,18 +251,28 @@ class PerceptualGuidanceNode(io.ComfyNode):
                 io.Combo.Input("step", options=["normalized", "plain"], default="normalized",
                                tooltip="normalized: each step has RMS length 'strength' (DPS-style); plain: "
                                "strength x gradient."),
+                io.Float.Input("pixel_weight", default=0.0, min=0.0, max=100.0, step=0.1, round=0.01,
+                               tooltip="Weight of an extra pixel (MSE) term in the loss; 0 = LPIPS only. Helps "
+                               "colours stay put in the protected region."),
                 WindowType.Input("window", optional=True,
                                  tooltip="Steps where perceptual guidance acts (PSEdit Step Window); default all."),
+                io.Mask.Input("mask", optional=True,
+                              tooltip="Edit region (white = where the edit may change the image, e.g. from PSEdit "
+                              "Edit Mask or painted). Only the rest is pulled toward the source photo."),
             ],
             outputs=[io.Guider.Output(tooltip="Connect to SamplerCustomAdvanced.")],
         )
 
     @classmethod
-    def execute(cls, guider, vae, image, strength, lpips_net, gradient, decoder, step, window=None):
+    def execute(cls, guider, vae, image, strength, lpips_net, gradient, decoder, step, pixel_weight=0.0, window=None,
+                mask=None):
         if not isinstance(guider, comfy.samplers.CFGGuider):
             raise ValueError("guider must be a ComfyUI GUIDER (CFGGuider, DualCFGGuider, PSEdit Triple Guider, ...)")
         if image.ndim != 4 or image.shape[-1] < 3:
             raise ValueError(f"image must be a ComfyUI IMAGE [batch, height, width, 3], got {tuple(image.shape)}")
         config = PerceptualGuidanceConfig(scale=float(strength), gradient=gradient, step=step)
-        wrapper = PerceptualWrapper(guider.model_patcher, vae, image, config, lpips_net, decoder, window)
+        if mask is not None and mask.shape[0] not in (1, image.shape[0]):
+            raise ValueError(f"mask batch is {mask.shape[0]} but the image batch is {image.shape[0]}: use one mask")
+        wrapper = PerceptualWrapper(guider.model_patcher, vae, image, config, lpips_net, decoder, window, mask,
+                                    float(pixel_weight))
         return io.NodeOutput(wrap_guider(guider, wrapper, differentiable=(gradient == "full")))

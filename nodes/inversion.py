@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import comfy.samplers
 import torch
 from comfy_api.latest import io
 
@@ -24,26 +23,19 @@ class InversionPayload:
 
 
 def run_inversion(model, source, null, cfg: float, latent: torch.Tensor, sigmas: torch.Tensor, refine: int):
-    """Invert ``latent`` (raw VAE latent) through ComfyUI's own sampling machinery.
+    """Invert ``latent`` (raw VAE latent) as a custom sampler inside ComfyUI's own sampling set-up.
 
-    The inversion runs as a custom k-diffusion sampler inside ``CFGGuider.sample``, so model loading, conditioning
-    preparation, model patches and ``process_latent_in/out`` are ComfyUI's. Returns the raw inverted latent and the
-    trajectory (model space).
+    Returns the raw inverted latent and the trajectory (model space).
     """
-    guider = comfy.samplers.CFGGuider(model)
-    guider.set_conds(source, null if null is not None else source)
-    guider.set_cfg(cfg)
-    holder = {}
     progress = _comfy.Progress(sigmas.numel() - 1)
 
-    def invert_sampler(model_k, x, sigmas, extra_args=None, callback=None, disable=None):
-        holder["inversion"] = ddim_invert(model_k, x, sigmas, refine=refine, extra_args=extra_args, callback=progress)
-        return holder["inversion"].inverted
+    def invert(model_k, x, sigmas, extra_args, store):
+        store["inversion"] = ddim_invert(model_k, x, sigmas, refine=refine, extra_args=extra_args, callback=progress)
+        return store["inversion"].inverted
 
-    sampler = comfy.samplers.KSAMPLER(invert_sampler)
-    noise = torch.zeros_like(latent)
-    out = guider.sample(noise, latent, sampler, sigmas, disable_pbar=True, seed=0)
-    return out, holder["inversion"]
+    out, store = _comfy.run_in_sampler(model, source, null if null is not None else source, cfg, latent, sigmas,
+                                       invert)
+    return out, store["inversion"]
 
 
 class DDIMInvert(io.ComfyNode):

@@ -70,38 +70,29 @@ def _with_crossattn(entries: list[dict], embedding: torch.Tensor) -> list[dict]:
 def run_null_text(model, payload, null, source, guidance, inner_steps, early_stop, lr):
     """Optimise the null embeddings inside ComfyUI's sampling set-up (model loaded, conds prepared)."""
     inversion = payload.inversion
-    diff_model = _comfy.differentiable_patcher(model)
-    guider = comfy.samplers.CFGGuider(diff_model)
-    guider.set_conds(source, null)
-    guider.set_cfg(guidance)
     progress = _comfy.Progress(inversion.steps)
-    holder = {}
+    src_marker = source[0][0]
 
-    def optimise(model_k, x, sigmas, extra_args=None, callback=None, disable=None):
-        g = model_k.inner_model
-        base, model_options = g.inner_model, extra_args["model_options"]
-        src_conds, null_conds = g.conds["positive"], g.conds["negative"]
-        src_marker = source[0][0]
+    def optimise(model_k, x, sigmas, extra_args, store):
+        guider = model_k.inner_model
+        base, model_options = guider.inner_model, extra_args["model_options"]
+        src_conds, null_conds = guider.conds["positive"], guider.conds["negative"]
 
         def denoiser(x_, sigma, cond=None):
             conds = src_conds if cond is src_marker else _with_crossattn(null_conds, cond)
             return comfy.samplers.calc_cond_batch(base, [conds], x_, sigma, model_options)[0]
 
         latents = [t.to(x.device) for t in inversion.latents]
-        holder["result"] = null_text_inversion(
+        store["result"] = null_text_inversion(
             denoiser, latents, sigmas, src_marker, null[0][0].to(x.device), guidance,
             inner_steps=inner_steps, early_stop=early_stop, lr=lr, callback=progress,
         )
         return x
 
-    sampler = comfy.samplers.KSAMPLER(optimise)
-    latent = base_latent(model, inversion.latents[0])
-    guider.sample(torch.zeros_like(latent), latent, sampler, inversion.sigmas.cpu(), disable_pbar=True, seed=0)
-    return holder["result"]
-
-
-def base_latent(model, x_model_space: torch.Tensor) -> torch.Tensor:
-    return _comfy.latent_format(model).process_out(x_model_space.detach().cpu().float())
+    diff_model = _comfy.differentiable_patcher(model)
+    latent = _comfy.latent_format(model).process_out(inversion.latents[0].detach().cpu().float())
+    _, store = _comfy.run_in_sampler(diff_model, source, null, guidance, latent, inversion.sigmas.cpu(), optimise)
+    return store["result"]
 
 
 class NullTextInversion(io.ComfyNode):

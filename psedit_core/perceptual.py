@@ -124,29 +124,19 @@ def guidance_delta(grad: torch.Tensor, config: PerceptualGuidanceConfig) -> torc
     return config.scale * g
 
 
-def lpips_loss(
-    model: torch.nn.Module, source: torch.Tensor, *, mask: torch.Tensor | None = None
-) -> Callable[[torch.Tensor], torch.Tensor]:
+def lpips_loss(model: torch.nn.Module, source: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
     """``L(image) = LPIPS(image, source)`` per sample, images NCHW in [0, 1] (mapped to LPIPS's [-1, 1]).
 
-    ``source`` is broadcast over the batch when it holds one image. With ``mask`` (N1HW in [0, 1], 1 = keep like
-    the source) the loss is LPIPS's spatial map averaged with those weights; ``model`` must then be built with
-    ``spatial=True``.
+    ``source`` is broadcast over the batch when it holds one image. For a loss restricted to the region outside
+    an edit, see :func:`psedit_core.masks.masked_perceptual_loss`.
     """
     with torch.inference_mode(False):  # ordinary tensors, usable by autograd even if made under inference mode
         src = source.detach().float().clone() * 2 - 1
-        weights = None if mask is None else mask.detach().float().clone()
 
     def loss(image: torch.Tensor) -> torch.Tensor:
         img = image.float() * 2 - 1
         s = src.to(img.device).expand(img.shape[0], -1, -1, -1) if src.shape[0] == 1 else src.to(img.device)
-        d = model(img, s)
-        if weights is None:
-            return d.flatten(1).mean(1)
-        w = weights.to(img.device)
-        if w.shape[-2:] != d.shape[-2:]:
-            w = torch.nn.functional.interpolate(w, size=d.shape[-2:], mode="bilinear")
-        return (d * w).flatten(1).sum(1) / w.flatten(1).sum(1).clamp_min(1e-6)
+        return model(img, s).flatten(1).mean(1)
 
     return loss
 

@@ -267,7 +267,7 @@ def test_perceptual_guidance_is_identity_outside_window(edit_scene, vae):
     with torch.inference_mode():
         window = StepWindowNode.execute(0.5, 1.0)[0]
         guided = PerceptualGuidanceNode.execute(triple, vae, image, 0.5, "vgg", "x0", "taesd", "normalized",
-                                                window)[0]
+                                                window=window)[0]
     g, t = probe(guided, inverted, sigmas, [1, 8]), probe(triple, inverted, sigmas, [1, 8])
     assert torch.equal(g[1], t[1])
     assert not torch.allclose(g[8], t[8], atol=1e-4)
@@ -337,3 +337,56 @@ def test_every_node_documented():
     extension = asyncio.run(comfy_entrypoint())
     listed = asyncio.run(extension.get_node_list())
     assert {n.define_schema().node_id for n in listed} == ids and len(ids) == len(NODES)
+
+
+# --- edit masks and masked guidance ---------------------------------------------------------------------------------
+
+def test_edit_mask_estimate_and_user_mask(edit_scene):
+    from psedit_pack.nodes.masks import EditMask
+
+    model, conds, image, latent, sigmas, inverted, payload, _, _ = edit_scene
+    with torch.inference_mode():
+        m = EditMask.execute(model, payload, conds["source"], conds["edit"], 0.5, 1.0, 0.5, False)[0]
+        soft = EditMask.execute(model, payload, conds["source"], conds["edit"], 0.5, 1.0, 0.5, True)[0]
+        same = EditMask.execute(model, payload, conds["source"], conds["source"], 0.5, 1.0, 0.5, False)[0]
+        user = torch.zeros(1, 32, 32)
+        user[:, :, :16] = 1
+        passed = EditMask.execute(model, payload, conds["source"], conds["edit"], 0.5, 1.0, 0.5, False, user)[0]
+    assert m.shape == (1, 64, 64) and set(m.unique().tolist()) == {0.0, 1.0}
+    assert ((m == (soft >= 0.5).float()).float().mean() > 0.9) and 0 < soft.mean() < 1
+    assert same.abs().sum() == 0  # identical captions: nothing to edit
+    assert passed.shape == (1, 64, 64) and passed[0, 10, 5] == 1 and passed[0, 10, 60] == 0
+    with pytest.raises(ValueError, match="width 2048"):
+        EditMask.execute(model, payload, tiny.conditioning("sdxl", 0), conds["edit"], 0.5, 1.0, 0.5, False)
+
+
+def test_masked_guidance_protects_outside_frees_inside(sd15, vae):
+    """A known edit region (left half of a 256x256 photo): masked guidance pulls the right half closer to the photo
+    than whole-image guidance, and leaves the left half as changed as no guidance does. (At 64x64 the decoder's and
+    LPIPS's receptive fields span both halves, so the test needs the larger image.)"""
+    model, conds = sd15
+    image = tiny.photo(256)
+    with torch.inference_mode():
+        latent = {"samples": vae.encode(image)}
+        sigmas = sigmas_for(model)
+        inverted, _ = DDIMInvert.execute(model, latent, sigmas, conds["source"], 1.0, 2)
+        triple = TripleGuiderNode.execute(model, conds["null"], conds["source"], conds["edit"], 7.5, 3.0)[0]
+    region = torch.zeros(1, 256, 256)
+    region[:, :, :128] = 1
+    alex = get_lpips("alex", search_dirs=[tiny.WEIGHTS / "lpips"], allow_download=False, spatial=True)
+
+    def side_lpips(samples):
+        with torch.inference_mode():
+            decoded = vae.decode(samples).movedim(-1, 1)
+        d = alex(decoded * 2 - 1, image.movedim(-1, 1) * 2 - 1)
+        return d[..., :128].mean().item(), d[..., 128:].mean().item()  # (inside, outside)
+
+    with torch.inference_mode():
+        whole = PerceptualGuidanceNode.execute(triple, vae, image, 0.03, "vgg", "x0", "taesd", "normalized")[0]
+        masked = PerceptualGuidanceNode.execute(triple, vae, image, 0.03, "vgg", "x0", "taesd", "normalized",
+                                                mask=region)[0]
+    none_in, none_out = side_lpips(sample(triple, inverted, sigmas))
+    whole_in, whole_out = side_lpips(sample(whole, inverted, sigmas))
+    masked_in, masked_out = side_lpips(sample(masked, inverted, sigmas))
+    assert masked_out < whole_out < none_out, (none_out, whole_out, masked_out)
+    assert masked_in >= 0.95 * none_in and whole_in < 0.9 * none_in, (none_in, whole_in, masked_in)
