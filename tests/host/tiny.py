@@ -84,7 +84,7 @@ def build_tiny(family: str = "sd15", prediction: str = "eps", seed: int = 0, siz
     if size == "full":
         unet = dict(
             model_channels=320, channel_mult=[1, 2, 4, 4], num_res_blocks=[2, 2, 2, 2],
-            transformer_depth=[1, 1, 1, 0], transformer_depth_output=[1, 1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0],
+            transformer_depth=[1, 1, 1, 1, 1, 1, 0, 0], transformer_depth_output=[1, 1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0],
             transformer_depth_middle=1, use_linear_in_transformer=False, use_spatial_transformer=True,
             legacy=False, in_channels=4, out_channels=4, use_checkpoint=False, use_temporal_attention=False,
             use_temporal_resblock=False, num_heads=8, num_head_channels=-1, image_size=32, context_dim=768,
@@ -136,6 +136,25 @@ def taesd_vae(family: str = "sd15"):
     sd["vae_scale"] = torch.tensor(0.13025 if family == "sdxl" else 0.18215)
     sd["vae_shift"] = torch.tensor(0.0)
     return comfy.sd.VAE(sd=sd)
+
+
+def random_sd_vae(seed: int = 0, std: float = 0.02):
+    """A ComfyUI VAE with the full SD1.x AutoencoderKL architecture and random weights (for cost benchmarks)."""
+    import_comfy()
+    import comfy.sd
+    from comfy.ldm.models.autoencoder import AutoencoderKL
+
+    ddconfig = {"double_z": True, "z_channels": 4, "resolution": 256, "in_channels": 3, "out_ch": 3, "ch": 128,
+                "ch_mult": [1, 2, 4, 4], "num_res_blocks": 2, "attn_resolutions": [], "dropout": 0.0}
+    model = AutoencoderKL(ddconfig=ddconfig, embed_dim=4)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.ndim == 1 and "norm" in name:
+                p.copy_(torch.ones_like(p) if name.endswith("weight") else torch.zeros_like(p))
+            else:
+                p.copy_(torch.randn(p.shape, generator=g) * std)
+    return comfy.sd.VAE(sd=model.state_dict())
 
 
 def register_shared_weights():
