@@ -3,9 +3,10 @@
     COMFYUI_PATH=/path/to/ComfyUI python benchmarks/masked_guidance.py [--size 256] [--strength 0.03]
 
 * analytic: the edit model moves a known box far (the edit) and everything a little (background drift); a fixed
-  linear decoder; pixel-MSE guidance. PSNR inside is measured against the unguided edit, outside against the source.
+  linear decoder; pixel-MSE guidance. "To the edit" compares the inside with the edit model's mean.
 * tiny: a tiny SD1.5 UNet (random weights) through ComfyUI's nodes on a real photo's TAESD latent, real TAESD and
-  LPIPS (vgg guides, alex measures); the edit region is the left half. Needs COMFYUI_PATH and ../shared/weights.
+  LPIPS (vgg guides, alex measures); the edit region is the left half; "to the edit" compares the inside with
+  the unguided result. Needs COMFYUI_PATH and ../shared/weights.
 All rows come from this one run.
 """
 
@@ -112,7 +113,7 @@ def main() -> None:
     print(table(rows, [("model", "model", "s"), ("guidance", "guidance", "s"),
                        ("lpips_in", "LPIPS inside (to source)", ".4f"), ("lpips_out", "LPIPS outside", ".4f"),
                        ("psnr_in", "PSNR inside dB (to source)", ".2f"), ("psnr_out", "PSNR outside dB", ".2f"),
-                       ("psnr_in_edit", "PSNR inside dB (to unguided edit)", ".2f")]))
+                       ("psnr_in_edit", "PSNR inside dB (to the edit)", ".2f")]))
 
 
 if __name__ == "__main__":
