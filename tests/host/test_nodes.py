@@ -329,6 +329,7 @@ def test_every_node_documented():
     ids = set()
     for node in NODES:
         schema = node.define_schema()
+        schema.validate()  # what ComfyUI checks when it loads the pack (unique ids, ...)
         assert schema.node_id.startswith("PSEdit") and schema.display_name.startswith("PSEdit ")
         assert len(schema.description) > 40, schema.node_id
         for inp in schema.inputs:
