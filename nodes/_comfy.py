@@ -122,6 +122,15 @@ def run_in_sampler(model, positive, negative, cfg: float, latent: torch.Tensor, 
     return out, store
 
 
+def run_on_trajectory(model, payload, positive, negative, cfg: float, fn):
+    """:func:`run_in_sampler` for work over an inversion trajectory (``payload.inversion``) rather than a latent;
+    returns the dict ``fn`` filled."""
+    inversion = payload.inversion
+    latent = latent_format(model).process_out(inversion.latents[0].detach().cpu().float())
+    _, store = run_in_sampler(model, positive, negative, cfg, latent, inversion.sigmas.cpu(), fn)
+    return store
+
+
 # --- progress and cancel -----------------------------------------------------------------------------------------
 
 class Progress:
@@ -234,6 +243,13 @@ def vae_ratio(vae, choice: str) -> int:
 
 
 # --- LPIPS --------------------------------------------------------------------------------------------------------
+
+def register_lpips_dirs(dirs) -> None:
+    """Add folders to ComfyUI's ``lpips`` model folder list (e.g. from a command line)."""
+    lpips_search_dirs()
+    for d in dirs:
+        folder_paths.add_model_folder_path(LPIPS_FOLDER, str(d))
+
 
 def lpips_search_dirs() -> list[str]:
     """``models/lpips`` (registered with ComfyUI, so extra_model_paths.yaml can add more) and its files' folders."""

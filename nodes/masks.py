@@ -32,9 +32,7 @@ def estimate_mask(model, payload, source, edit, probe_end: float, blur: float, t
         store["mask"] = edit_mask(pairs(), blur=blur, threshold=threshold)
         return x
 
-    latent = _comfy.latent_format(model).process_out(inversion.latents[0].detach().cpu().float())
-    _, store = _comfy.run_in_sampler(model, edit, source, 1.0, latent, inversion.sigmas.cpu(), probe)
-    return store["mask"]
+    return _comfy.run_on_trajectory(model, payload, edit, source, 1.0, probe)["mask"]
 
 
 class EditMask(io.ComfyNode):

@@ -90,9 +90,7 @@ def run_null_text(model, payload, null, source, guidance, inner_steps, early_sto
         return x
 
     diff_model = _comfy.differentiable_patcher(model)
-    latent = _comfy.latent_format(model).process_out(inversion.latents[0].detach().cpu().float())
-    _, store = _comfy.run_in_sampler(diff_model, source, null, guidance, latent, inversion.sigmas.cpu(), optimise)
-    return store["result"]
+    return _comfy.run_on_trajectory(diff_model, payload, source, null, guidance, optimise)["result"]
 
 
 class NullTextInversion(io.ComfyNode):

@@ -2,7 +2,7 @@
 
     COMFYUI_PATH=/path/to/ComfyUI python tools/snapshot_object_info.py
 
-Starts ComfyUI on loopback with this repository installed (see tests/host/server.py), reads /object_info and keeps
+Starts ComfyUI on loopback with this repository installed (see tests/host/comfy_server.py), reads /object_info and keeps
 PSEdit's nodes and the stock nodes in STOCK. The always-run workflow tests validate example_workflows/ against this
 file; a host test checks it still equals the live schemas, so it cannot go stale unnoticed.
 """
@@ -16,7 +16,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tests" / "host"))
 
-from server import Server  # noqa: E402
+from comfy_server import Server  # noqa: E402
 
 OUT = REPO / "tests" / "data" / "object_info.json"
 STOCK = ["CheckpointLoaderSimple", "CLIPTextEncode", "LoadImage", "VAEEncode", "VAEDecode", "BasicScheduler",

@@ -14,7 +14,7 @@ try:
 except tiny.ComfyUnavailable as exc:
     pytest.skip(str(exc), allow_module_level=True)
 
-from server import PACK_FOLDER, Server  # noqa: E402
+from comfy_server import PACK_FOLDER, Server  # noqa: E402
 
 SNAPSHOT = json.loads((tiny.REPO / "tests" / "data" / "object_info.json").read_text())
 WORKFLOWS = sorted(p.stem for p in (tiny.REPO / "example_workflows").glob("*.json"))

@@ -57,6 +57,19 @@ def load_pack():
     return module
 
 
+def init_random(module: torch.nn.Module, seed: int, std: float) -> None:
+    """Deterministic random weights (ComfyUI's layers start uninitialised): N(0, std^2), norms at identity."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in module.named_parameters():
+            if not p.dtype.is_floating_point:
+                continue
+            if p.ndim == 1 and "norm" in name:
+                p.copy_(torch.ones_like(p) if name.endswith("weight") else torch.zeros_like(p))
+            else:
+                p.copy_(torch.randn(p.shape, generator=g) * std)
+
+
 def _unet_config(family: str) -> dict:
     cfg = dict(
         model_channels=32, channel_mult=[1, 2], num_res_blocks=[1, 1], transformer_depth=[1, 1],
@@ -98,13 +111,7 @@ def build_tiny(family: str = "sd15", prediction: str = "eps", seed: int = 0, siz
     model_type = comfy.model_base.ModelType.V_PREDICTION if prediction == "v" else comfy.model_base.ModelType.EPS
     model_cls = comfy.model_base.SDXL if family == "sdxl" else comfy.model_base.BaseModel
     model = model_cls(model_config, model_type=model_type)
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if p.ndim == 1 and "norm" in name:
-                p.copy_(torch.ones_like(p) if name.endswith("weight") else torch.zeros_like(p))
-            else:
-                p.copy_(torch.randn(p.shape, generator=g) * std)
+    init_random(model, seed, std)
     device = torch.device("cpu")
     return comfy.model_patcher.ModelPatcher(model, load_device=device, offload_device=device)
 
@@ -147,14 +154,21 @@ def random_sd_vae(seed: int = 0, std: float = 0.02):
     ddconfig = {"double_z": True, "z_channels": 4, "resolution": 256, "in_channels": 3, "out_ch": 3, "ch": 128,
                 "ch_mult": [1, 2, 4, 4], "num_res_blocks": 2, "attn_resolutions": [], "dropout": 0.0}
     model = AutoencoderKL(ddconfig=ddconfig, embed_dim=4)
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if p.ndim == 1 and "norm" in name:
-                p.copy_(torch.ones_like(p) if name.endswith("weight") else torch.zeros_like(p))
-            else:
-                p.copy_(torch.randn(p.shape, generator=g) * std)
+    init_random(model, seed, std)
     return comfy.sd.VAE(sd=model.state_dict())
+
+
+def random_sd15_checkpoint(path, seed: int = 0) -> None:
+    """Save a full-size SD1.5 checkpoint (UNet, CLIP-L text encoder, SD VAE) with random weights, in the layout
+    ComfyUI's CheckpointLoaderSimple detects (about 4 GB in fp32)."""
+    import_comfy()
+    import comfy.sd
+    import comfy.supported_models
+
+    model = build_tiny("sd15", size="full", seed=seed, std=0.02)
+    clip = comfy.sd.CLIP(target=comfy.supported_models.SD15({}).clip_target())
+    init_random(clip.cond_stage_model, seed + 1, 0.02)
+    comfy.sd.save_checkpoint(str(path), model, clip, random_sd_vae(seed + 2))
 
 
 def register_shared_weights():
