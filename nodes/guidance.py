@@ -58,8 +58,8 @@ class StepWindowNode(io.ComfyNode):
                 io.Float.Input("end", default=1.0, min=0.0, max=1.0, step=0.01,
                                tooltip="End of the window (exclusive), as a fraction of the steps (1 = the last)."),
             ],
-            outputs=[WindowType.Output("window", display_name="window",
-                tooltip="Connect to a PSEdit guider's window input.")],
+            outputs=[WindowType.Output(
+                "window", display_name="window", tooltip="Connect to a PSEdit guider's window input.")],
         )
 
     @classmethod

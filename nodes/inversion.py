@@ -76,9 +76,9 @@ class DDIMInvert(io.ComfyNode):
             ],
             outputs=[
                 io.Latent.Output("inverted", display_name="inverted",
-                tooltip="latent_image for SamplerCustomAdvanced (with DisableNoise)."),
+                                 tooltip="latent_image for SamplerCustomAdvanced (with DisableNoise)."),
                 InversionType.Output("inversion", display_name="inversion",
-                tooltip="The whole trajectory, for PSEdit Null-Text Inversion."),
+                                     tooltip="The whole trajectory, for PSEdit Null-Text Inversion."),
             ],
         )
 

@@ -68,8 +68,8 @@ class EditMask(io.ComfyNode):
                               tooltip="Your own mask (white = edit region). When connected it is used instead of "
                               "the estimate (resized to the image if needed)."),
             ],
-            outputs=[io.Mask.Output("edit_mask", display_name="edit_mask",
-                tooltip="White where the edit may change the image.")],
+            outputs=[io.Mask.Output(
+                "edit_mask", display_name="edit_mask", tooltip="White where the edit may change the image.")],
         )
 
     @classmethod

@@ -123,8 +123,8 @@ class NullTextInversion(io.ComfyNode):
                 io.Float.Input("learning_rate", default=0.01, min=1e-5, max=1.0, step=0.001, round=1e-5,
                                tooltip="Adam learning rate (decays by 1% per step, as in the reference code)."),
             ],
-            outputs=[NullScheduleType.Output("null_schedule", display_name="null_schedule",
-                tooltip="Connect to PSEdit Triple Guider.")],
+            outputs=[NullScheduleType.Output(
+                "null_schedule", display_name="null_schedule", tooltip="Connect to PSEdit Triple Guider.")],
         )
 
     @classmethod
