@@ -230,15 +230,21 @@ def test_empty_window_errors_at_sampling(sd15):
 
 # --- perceptual guidance -------------------------------------------------------------------------------------------
 
-@pytest.fixture(scope="module")
-def edit_scene(sd15, vae):
-    model, conds = sd15
-    image = tiny.photo(64)
+def invert_photo(model, conds, vae, size):
+    """A real photo, its TAESD latent, 10-step sigmas, the inversion and a Triple Guider (gamma 7.5, beta 3)."""
+    image = tiny.photo(size)
     with torch.inference_mode():
         latent = {"samples": vae.encode(image)}
         sigmas = sigmas_for(model)
         inverted, payload = DDIMInvert.execute(model, latent, sigmas, conds["source"], 1.0, 2)
         triple = TripleGuiderNode.execute(model, conds["null"], conds["source"], conds["edit"], 7.5, 3.0)[0]
+    return image, latent, sigmas, inverted, payload, triple
+
+
+@pytest.fixture(scope="module")
+def edit_scene(sd15, vae):
+    model, conds = sd15
+    image, latent, sigmas, inverted, payload, triple = invert_photo(model, conds, vae, 64)
     alex = get_lpips("alex", search_dirs=[tiny.WEIGHTS / "lpips"], allow_download=False)
 
     def lpips_to_photo(samples):
@@ -366,12 +372,7 @@ def test_masked_guidance_protects_outside_frees_inside(sd15, vae):
     than whole-image guidance, and leaves the left half as changed as no guidance does. (At 64x64 the decoder's and
     LPIPS's receptive fields span both halves, so the test needs the larger image.)"""
     model, conds = sd15
-    image = tiny.photo(256)
-    with torch.inference_mode():
-        latent = {"samples": vae.encode(image)}
-        sigmas = sigmas_for(model)
-        inverted, _ = DDIMInvert.execute(model, latent, sigmas, conds["source"], 1.0, 2)
-        triple = TripleGuiderNode.execute(model, conds["null"], conds["source"], conds["edit"], 7.5, 3.0)[0]
+    image, _, sigmas, inverted, _, triple = invert_photo(model, conds, vae, 256)
     region = torch.zeros(1, 256, 256)
     region[:, :, :128] = 1
     alex = get_lpips("alex", search_dirs=[tiny.WEIGHTS / "lpips"], allow_download=False, spatial=True)
