@@ -1,10 +1,12 @@
-"""The edit pipeline, built from the same node classes as the example workflows (imported as ComfyUI imports the
-pack). Everything takes already-loaded objects, so tests can hand in tiny models."""
+"""The edit pipeline, built from the same node classes as the example workflows (the repository imported as ComfyUI
+imports a custom node folder) and stock ComfyUI pieces. Everything takes already-loaded objects (:class:`Models`),
+so tests can hand in tiny models."""
 
 from __future__ import annotations
 
 import importlib
 import importlib.util
+import logging
 import os
 import sys
 from collections.abc import Callable
@@ -13,24 +15,33 @@ from pathlib import Path
 
 import torch
 
+from .errors import SetupError
+from .images import crop_to_multiple
+
+log = logging.getLogger(__name__)
+
 REPO = Path(__file__).resolve().parents[1]
 PACK = "psedit_pack"
-CONFIGS = ("nulltext", "textopt", "perceptual")
+CONFIGS = ("nulltext", "textopt", "perceptual")  # the paper's table, in its order
 CONFIG_NAMES = {"nulltext": "Null-text", "textopt": "Text optimization", "perceptual": "Perceptual + text optimization"}
+FAMILIES = ("SD15", "SDXL")  # latent formats of the SD1.x and SDXL families
+
+__all__ = ["CONFIGS", "CONFIG_NAMES", "Models", "Prepared", "Settings", "SetupError", "guider_for", "load_checkpoint",
+           "load_pack", "prepare", "run_config", "setup_comfy"]
 
 
-class SetupError(RuntimeError):
-    """Something the user must fix before anything runs (message names the fix)."""
-
+# --- ComfyUI as a library ---------------------------------------------------------------------------------------------
 
 def setup_comfy(path: str | os.PathLike | None):
-    """Make ComfyUI importable as a library (CPU mode when torch sees no GPU) and import this pack's nodes."""
+    """Make ComfyUI importable (CPU mode when torch sees no GPU, decided before ``comfy.model_management`` is
+    imported) and import this pack's nodes; returns the pack module."""
     path = path or os.environ.get("COMFYUI_PATH")
     if not path:
         raise SetupError("ComfyUI not found: pass --comfyui /path/to/ComfyUI or set COMFYUI_PATH")
     root = Path(path).expanduser().resolve()
     if not (root / "comfy" / "model_management.py").is_file():
-        raise SetupError(f"{root} is not a ComfyUI checkout (no comfy/model_management.py): check --comfyui")
+        raise SetupError(f"{root} is not a ComfyUI checkout (no comfy/model_management.py): fix --comfyui / "
+                         "COMFYUI_PATH")
     if str(root) not in sys.path:
         sys.path.insert(0, str(root))
     from comfy.cli_args import args
@@ -42,35 +53,48 @@ def setup_comfy(path: str | os.PathLike | None):
     return load_pack()
 
 
-def load_pack():
+def load_pack(repo: Path | None = None):
     """Import the repository as ComfyUI imports a custom node folder; needs the checkout (pip install -e .)."""
     if PACK in sys.modules:
         return sys.modules[PACK]
-    if not (REPO / "nodes" / "__init__.py").is_file():
-        raise SetupError(f"PSEdit's nodes/ are not beside {Path(__file__).parent}: run psedit from a checkout "
-                         "installed with `pip install -e .` (e.g. ComfyUI/custom_nodes/psedit)")
-    spec = importlib.util.spec_from_file_location(PACK, REPO / "__init__.py", submodule_search_locations=[str(REPO)])
+    repo = repo or REPO
+    if not (repo / "nodes" / "__init__.py").is_file() or not (repo / "__init__.py").is_file():
+        raise SetupError(f"PSEdit's nodes/ are not beside {Path(__file__).parent}: run psedit from a checkout of the "
+                         "repository installed with `pip install -e .` (e.g. in ComfyUI/custom_nodes/psedit)")
+    spec = importlib.util.spec_from_file_location(PACK, repo / "__init__.py", submodule_search_locations=[str(repo)])
     module = importlib.util.module_from_spec(spec)
     sys.modules[PACK] = module
-    spec.loader.exec_module(module)
-    importlib.import_module(f"{PACK}.nodes")
+    try:
+        spec.loader.exec_module(module)
+        importlib.import_module(f"{PACK}.nodes")
+    except BaseException:
+        del sys.modules[PACK]
+        raise
     return module
 
+
+def nodes():
+    return sys.modules[PACK].nodes
+
+
+# --- what the pipeline works with -------------------------------------------------------------------------------------
 
 @dataclass(frozen=True)
 class Settings:
     steps: int = 50
     scheduler: str = "normal"
-    gamma: float = 7.5
-    beta: float = 3.0
+    gamma: float = 7.5  # text guidance scale (CFG)
+    beta: float = 3.0  # edit strength (source -> edit caption)
     text_window: tuple[float, float] = (0.0, 0.4)
     perceptual_window: tuple[float, float] = (0.2, 0.8)
-    strength: float = 0.1
+    strength: float = 0.1  # perceptual guidance step (normalised)
     lpips_net: str = "vgg"
     decoder: str = "taesd"
     method: str = "null-text"  # or negative-prompt, none
     inner_iterations: int = 10
     refine: int = 2
+    resize: int = 0  # shorter side in px before cropping; 0 keeps the photo's size
+    seed: int = 0
 
 
 @dataclass
@@ -82,76 +106,88 @@ class Models:
 
 @dataclass
 class Prepared:
-    image: torch.Tensor
+    """One photo, inverted once and shared by every configuration."""
+
+    image: torch.Tensor  # the cropped source IMAGE
     sigmas: torch.Tensor
-    inverted: dict
+    inverted: dict  # LATENT
     null: list
     source: list
     edit: list
-    schedule: object | None
+    schedule: object | None  # null-text / negative-prompt schedule, or None (method 'none')
 
 
 def load_checkpoint(path: str | os.PathLike) -> Models:
+    """MODEL, VAE and a CLIPTextEncode-equivalent encoder from an SD1.x or SDXL checkpoint file."""
     import comfy.sd
+    import folder_paths
 
     if not Path(path).is_file():
         raise SetupError(f"checkpoint {path} does not exist: pass an SD1.x or SDXL .safetensors/.ckpt file")
-    model, clip, vae, *_ = comfy.sd.load_checkpoint_guess_config(str(path), output_vae=True, output_clip=True)
+    try:
+        model, clip, vae, *_ = comfy.sd.load_checkpoint_guess_config(
+            str(path), output_vae=True, output_clip=True,
+            embedding_directory=folder_paths.get_folder_paths("embeddings"))
+    except RuntimeError as exc:
+        raise SetupError(f"ComfyUI cannot load {path} ({str(exc).strip().splitlines()[0]}): pass a full SD1.x or "
+                         "SDXL checkpoint (UNet + text encoder + VAE)") from exc
     if model is None or clip is None or vae is None:
-        raise SetupError(f"{path} lacks a UNet, text encoder or VAE: use a full SD1.x or SDXL checkpoint")
+        raise SetupError(f"{path} lacks a UNet, text encoder or VAE: pass a full SD1.x or SDXL checkpoint")
+    check_family(model)
 
-    def encode(text: str):
+    def encode(text: str):  # as the stock CLIPTextEncode node
         return clip.encode_from_tokens_scheduled(clip.tokenize(text))
 
     return Models(model, vae, encode)
 
 
-def crop_to_multiple(image: torch.Tensor, multiple: int = 8) -> torch.Tensor:
-    """Centre-crop an IMAGE [B, H, W, C] so both sides are multiples of ``multiple`` (as VAEEncode does)."""
-    h, w = image.shape[1] // multiple * multiple, image.shape[2] // multiple * multiple
-    if h == 0 or w == 0:
-        raise SetupError(f"image is {image.shape[2]}x{image.shape[1]}: it must be at least {multiple}px each side")
-    top, left = (image.shape[1] - h) // 2, (image.shape[2] - w) // 2
-    return image[:, top:top + h, left:left + w]
+def check_family(model) -> None:
+    family = type(model.get_model_object("latent_format")).__name__
+    if family not in FAMILIES:
+        raise SetupError(f"this checkpoint is a {family} model; PSEdit's method runs on SD1.x and SDXL checkpoints")
 
+
+# --- the method -------------------------------------------------------------------------------------------------------
 
 def prepare(models: Models, image: torch.Tensor, source: str, edit: str, s: Settings) -> Prepared:
-    """Encode, invert and (null-text / negative-prompt) invert once; shared by every configuration."""
+    """Encode the captions and the photo, DDIM-invert it and run null-text (or negative-prompt) inversion, once."""
     import comfy_extras.nodes_custom_sampler as ncs
 
-    nodes = sys.modules[PACK].nodes
     image = crop_to_multiple(image)
+    torch.manual_seed(s.seed)
     with torch.inference_mode():
         null, src, edt = models.encode(""), models.encode(source), models.encode(edit)
         latent = {"samples": models.vae.encode(image[..., :3])}
         sigmas = ncs.BasicScheduler().get_sigmas(models.model, s.scheduler, s.steps, 1.0)[0]
-        inverted, payload = nodes.inversion.DDIMInvert.execute(models.model, latent, sigmas, src, 1.0, s.refine)
+        inverted, payload = nodes().inversion.DDIMInvert.execute(models.model, latent, sigmas, src, 1.0, s.refine)
         schedule = None
         if s.method != "none":
-            schedule = nodes.nulltext.NullTextInversion.execute(
+            schedule = nodes().nulltext.NullTextInversion.execute(
                 models.model, payload, null, src, s.gamma, s.method, s.inner_iterations, 1e-5, 0.01)[0]
     return Prepared(image, sigmas, inverted, null, src, edt, schedule)
 
 
 def guider_for(config: str, models: Models, p: Prepared, s: Settings):
-    nodes = sys.modules[PACK].nodes
-    window = nodes.guidance.StepWindowNode.execute(*s.text_window)[0]
-    if config == "nulltext":
-        return nodes.guidance.TripleGuiderNode.execute(models.model, p.null, p.source, p.edit, s.gamma, s.gamma,
-                                                       None, p.schedule)[0]
-    guider = nodes.guidance.TripleGuiderNode.execute(models.model, p.null, p.source, p.edit, s.gamma, s.beta,
-                                                     window, p.schedule)[0]
+    """The GUIDER of one of the paper's configurations, built by the nodes."""
+    n = nodes().guidance
+    if config == "nulltext":  # beta = gamma: e_null + gamma (e_edit - e_null), plain CFG on the edit caption
+        return n.TripleGuiderNode.execute(models.model, p.null, p.source, p.edit, s.gamma, s.gamma, None,
+                                          p.schedule)[0]
+    if config not in ("textopt", "perceptual"):
+        raise ValueError(f"unknown configuration {config!r}: use one of {', '.join(CONFIGS)}")
+    window = n.StepWindowNode.execute(*s.text_window)[0]
+    guider = n.TripleGuiderNode.execute(models.model, p.null, p.source, p.edit, s.gamma, s.beta, window,
+                                        p.schedule)[0]
     if config == "textopt":
         return guider
-    if config == "perceptual":
-        pwindow = nodes.guidance.StepWindowNode.execute(*s.perceptual_window)[0]
-        return nodes.guidance.PerceptualGuidanceNode.execute(
-            guider, models.vae, p.image, s.strength, s.lpips_net, "x0", s.decoder, "normalized", window=pwindow)[0]
-    raise ValueError(f"unknown configuration {config!r}: use one of {CONFIGS}")
+    pwindow = n.StepWindowNode.execute(*s.perceptual_window)[0]
+    return n.PerceptualGuidanceNode.execute(guider, models.vae, p.image, s.strength, s.lpips_net, "x0", s.decoder,
+                                            "normalized", window=pwindow)[0]
 
 
 def run_config(config: str, models: Models, p: Prepared, s: Settings) -> torch.Tensor:
-    """One configuration's edited image, IMAGE [1, H, W, 3] in [0, 1]."""
+    """One configuration's edited image, IMAGE [1, H, W, 3] in [0, 1], sampled by the stock SamplerCustomAdvanced
+    from the inverted latent (no added noise) with the same SIGMAS."""
     import comfy.samplers
     import comfy_extras.nodes_custom_sampler as ncs
 
@@ -159,4 +195,4 @@ def run_config(config: str, models: Models, p: Prepared, s: Settings) -> torch.T
         guider = guider_for(config, models, p, s)
         out = ncs.SamplerCustomAdvanced().sample(ncs.Noise_EmptyNoise(), guider,
                                                  comfy.samplers.sampler_object("euler"), p.sigmas, p.inverted)[0]
-        return models.vae.decode(out["samples"]).clamp(0, 1).cpu()
+        return models.vae.decode(out["samples"])[..., :3].clamp(0, 1).float().cpu()

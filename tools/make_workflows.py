@@ -2,8 +2,13 @@
 
     python tools/make_workflows.py
 
-Reads tests/data/object_info.json (tools/snapshot_object_info.py refreshes it), so widget order and socket types
-always follow the real schemas; tests/workflows/ validates the result. Edit the graphs here, not the JSON.
+Reads tests/data/object_info.json (tools/snapshot_object_info.py refreshes it from a live ComfyUI), so widget order,
+defaults and socket types always follow the real schemas; tests/workflows/ validates the result against the same
+file. Edit the graphs here, not the JSON.
+
+Layout: nodes sit in columns, left to right in the order data flows; a column stacks its nodes top-down (a node may
+ask for a minimum y to line up with a branch). Node sizes are at least what the frontend needs for their sockets and
+widgets, and column widths follow their widest node, so nothing overlaps.
 """
 
 from __future__ import annotations
@@ -17,6 +22,16 @@ INFO = json.loads((REPO / "tests" / "data" / "object_info.json").read_text())
 OUT = REPO / "example_workflows"
 WIDGET_TYPES = {"INT", "FLOAT", "STRING", "BOOLEAN", "COMBO"}
 NOTE_COLOR = {"color": "#432", "bgcolor": "#653"}
+COLUMN_GAP, ROW_GAP, TITLE = 70, 60, 30  # canvas pixels; LiteGraph draws the title bar above a node's pos
+SLOT_H, WIDGET_H, MULTILINE_H = 20, 24, 90
+
+# The paper's settings (arXiv 2312.06680) and the nodes' documented ranges.
+STEPS = 50
+GAMMA, BETA = 7.5, 3.0
+TEXT_WINDOW = (0.0, 0.4)  # "first 20 of 50 steps"
+PERCEPTUAL_WINDOW = (0.2, 0.8)
+PERCEPTUAL_STRENGTH = 0.1  # step "normalized", target "noise": RMS added to the predicted noise; tooltip: 0.05-0.2
+SOURCE, EDIT = "a cat sitting on a sofa", "a tiger sitting on a sofa"
 
 
 def is_widget(spec) -> bool:
@@ -31,85 +46,151 @@ def ordered_inputs(info: dict) -> list[tuple[str, list, bool]]:
     return out
 
 
+def default_of(spec):
+    opts = spec[1] if len(spec) > 1 and isinstance(spec[1], dict) else {}
+    if isinstance(spec[0], list) or spec[0] == "COMBO":
+        options = spec[0] if isinstance(spec[0], list) else opts.get("options", [])
+        return opts.get("default", options[0] if options else "")
+    if "default" in opts:
+        return opts["default"]
+    return {"INT": 0, "FLOAT": 0.0, "STRING": "", "BOOLEAN": False}[spec[0]]
+
+
 class Graph:
+    """Nodes and links in UI format; positions are assigned by column when the graph is written."""
+
     def __init__(self):
         self.nodes, self.links = [], []
+        self.place = {}  # node id -> (column, min y) or (column, dx, y) for a fixed spot right of a column's x
 
-    def add(self, type_: str, pos, widgets: dict | None = None, size=(320, 120), title: str | None = None) -> dict:
+    def _new_id(self) -> int:
+        return len(self.nodes) + 1
+
+    def add(self, type_: str, col: int, y: float = 0, widgets: dict | None = None, title: str | None = None,
+            width: int = 300, height: int = 0, at: float | None = None) -> dict:
+        """A node of ``type_`` in column ``col`` at or below ``y`` (or at ``x(col) + at, y`` exactly)."""
+        if type_ not in INFO:
+            raise KeyError(f"{type_} is not in tests/data/object_info.json: add it to tools/snapshot_object_info.py")
         info = INFO[type_]
         widgets = dict(widgets or {})
-        values, inputs = [], []
+        values, inputs, widget_h = [], [], 0
         for name, spec, optional in ordered_inputs(info):
-            if is_widget(spec):
-                if name in widgets:
-                    values.append(widgets.pop(name))
-                elif isinstance(spec[0], list) or spec[0] == "COMBO":
-                    options = spec[0] if isinstance(spec[0], list) else spec[1].get("options", [])
-                    values.append(spec[1].get("default", options[0]) if len(spec) > 1 else options[0])
-                else:
-                    values.append(spec[1]["default"])
-                if len(spec) > 1 and spec[1].get("image_upload"):
-                    values.append("image")  # the upload button's UI-only value
-            else:
+            opts = spec[1] if len(spec) > 1 and isinstance(spec[1], dict) else {}
+            if not is_widget(spec):
                 inputs.append({"name": name, "type": spec[0], "link": None, **({"shape": 7} if optional else {})})
+                continue
+            values.append(widgets.pop(name) if name in widgets else default_of(spec))
+            widget_h += MULTILINE_H if opts.get("multiline") else WIDGET_H
+            if opts.get("image_upload"):
+                values.append("image")  # the upload button's UI-only value
+                widget_h += WIDGET_H
+            if opts.get("control_after_generate", spec[0] == "INT" and name in ("seed", "noise_seed")):
+                values.append("fixed")  # the seed's "control after generate"
+                widget_h += WIDGET_H
         if widgets:
             raise KeyError(f"{type_} has no widget(s) {sorted(widgets)}")
         outputs = [{"name": n, "type": t, "links": [], "slot_index": i}
                    for i, (n, t) in enumerate(zip(info["output_name"], info["output"], strict=True))]
-        node = {"id": len(self.nodes) + 1, "type": type_, "pos": list(pos), "size": list(size), "flags": {},
+        need = max(len(inputs), len(outputs), 1) * SLOT_H + widget_h + 16
+        node = {"id": self._new_id(), "type": type_, "pos": [0, 0], "size": [width, max(height, need)], "flags": {},
                 "order": len(self.nodes), "mode": 0, "inputs": inputs, "outputs": outputs,
                 "properties": {"Node name for S&R": type_}, "widgets_values": values}
-        if title:
+        if title and title != info.get("display_name"):
             node["title"] = title
         self.nodes.append(node)
+        self.place[node["id"]] = (col, y) if at is None else (col, at, y)
         return node
 
-    def note(self, text: str, pos, size=(360, 160)) -> dict:
-        node = {"id": len(self.nodes) + 1, "type": "Note", "pos": list(pos), "size": list(size), "flags": {},
+    def note(self, text: str, col: int, y: float, width: int = 560, height: int = 200, at: float = 0) -> dict:
+        """A Note at a fixed spot (usually above the graph, y < 0)."""
+        node = {"id": self._new_id(), "type": "Note", "pos": [0, 0], "size": [width, height], "flags": {},
                 "order": len(self.nodes), "mode": 0, "inputs": [], "outputs": [], "properties": {},
                 "widgets_values": [text], **NOTE_COLOR}
         self.nodes.append(node)
+        self.place[node["id"]] = (col, at, y)
         return node
 
     def link(self, src: dict, output: str | int, dst: dict, input_name: str) -> None:
         slot = output if isinstance(output, int) else next(
             i for i, o in enumerate(src["outputs"]) if o["name"] == output)
         target = next(i for i, inp in enumerate(dst["inputs"]) if inp["name"] == input_name)
+        if dst["inputs"][target]["link"] is not None:
+            raise ValueError(f"{dst['type']}.{input_name} is already connected")
         link_id = len(self.links) + 1
         type_ = src["outputs"][slot]["type"]
+        if dst["inputs"][target]["type"] not in (type_, "*"):
+            raise TypeError(f"{src['type']}.{output} ({type_}) cannot feed {dst['type']}.{input_name}")
         self.links.append([link_id, src["id"], slot, dst["id"], target, type_])
         src["outputs"][slot]["links"].append(link_id)
         dst["inputs"][target]["link"] = link_id
 
+    def layout(self) -> None:
+        by_id = {n["id"]: n for n in self.nodes}
+        ncols = max(p[0] for p in self.place.values()) + 1
+        width = [0] * ncols
+        for nid, p in self.place.items():
+            if len(p) == 2:
+                width[p[0]] = max(width[p[0]], by_id[nid]["size"][0])
+        x = [0] * ncols
+        for c in range(1, ncols):
+            x[c] = x[c - 1] + width[c - 1] + (COLUMN_GAP if width[c - 1] else 0)
+        bottom = [None] * ncols
+        for node in self.nodes:  # stacking in insertion order
+            p = self.place[node["id"]]
+            if len(p) == 3:
+                node["pos"] = [x[p[0]] + p[1], p[2]]
+                continue
+            col, y = p
+            if bottom[col] is not None:
+                y = max(y, bottom[col] + ROW_GAP + TITLE)
+            node["pos"] = [x[col], y]
+            bottom[col] = y + node["size"][1]
+
     def to_json(self) -> dict:
+        self.layout()
+        for i, node in enumerate(self._execution_order()):
+            node["order"] = i
         return {"last_node_id": len(self.nodes), "last_link_id": len(self.links), "nodes": self.nodes,
                 "links": self.links, "groups": [], "config": {},
-                "extra": {"ds": {"scale": 0.7, "offset": [40, 40]}}, "version": 0.4}
+                "extra": {"ds": {"scale": 0.6, "offset": [60, 320]}}, "version": 0.4}
+
+    def _execution_order(self) -> list[dict]:
+        """Nodes in a topological order (the frontend's ``order`` field); Notes first."""
+        deps = {n["id"]: {self.links[i["link"] - 1][1] for i in n["inputs"] if i["link"]} for n in self.nodes}
+        done, order = set(), []
+        while len(order) < len(self.nodes):
+            for n in self.nodes:
+                if n["id"] not in done and deps[n["id"]] <= done:
+                    done.add(n["id"])
+                    order.append(n)
+        return order
 
 
-def loaders(g: Graph, ckpt: str, photo: str, source: str, edit: str, steps: int, x0=0):
-    """Checkpoint, photo, three captions, VAE encode, sigmas, inversion and null-text inversion."""
-    ckpt_node = g.add("CheckpointLoaderSimple", (x0, 0), {"ckpt_name": ckpt}, size=(320, 100))
-    image = g.add("LoadImage", (x0, 160), {"image": photo}, size=(320, 320))
-    texts = {}
-    for i, (name, text) in enumerate((("null", ""), ("source", source), ("edit", edit))):
-        texts[name] = g.add("CLIPTextEncode", (x0 + 380, 160 + i * 170), {"text": text}, size=(340, 130),
-                            title=f"{name} caption" + (" (leave empty)" if name == "null" else ""))
-        g.link(ckpt_node, "CLIP", texts[name], "clip")
-    encode = g.add("VAEEncode", (x0 + 380, 40), size=(220, 50))
+# --- building blocks --------------------------------------------------------------------------------------------------
+
+def loaders(g: Graph, ckpt: str, photo: str, steps: int = STEPS) -> dict:
+    """Columns 0-2: checkpoint, photo, three captions, VAE encode, sigmas, DDIM inversion, null-text inversion."""
+    ckpt_node = g.add("CheckpointLoaderSimple", 0, 0, {"ckpt_name": ckpt}, width=340)
+    image = g.add("LoadImage", 0, 0, {"image": photo}, title="Load Image (your photo)", width=340, height=380)
+    encode = g.add("VAEEncode", 1, 0, width=360)
     g.link(image, "IMAGE", encode, "pixels")
     g.link(ckpt_node, "VAE", encode, "vae")
-    sched = g.add("BasicScheduler", (x0 + 780, 0), {"scheduler": "normal", "steps": steps, "denoise": 1.0},
-                  size=(300, 110))
+    texts = {}
+    for name, text, title in (("null", "", "null caption (leave empty)"),
+                              ("source", SOURCE, "source caption: what the photo shows"),
+                              ("edit", EDIT, "edit caption: what it should show")):
+        texts[name] = g.add("CLIPTextEncode", 1, 0, {"text": text}, title=title, width=360, height=130)
+        g.link(ckpt_node, "CLIP", texts[name], "clip")
+    sched = g.add("BasicScheduler", 2, 0, {"scheduler": "normal", "steps": steps, "denoise": 1.0}, width=320)
     g.link(ckpt_node, "MODEL", sched, "model")
-    invert = g.add("PSEditDDIMInvert", (x0 + 780, 160), {"cfg": 1.0, "refine": 2}, size=(320, 160))
+    invert = g.add("PSEditDDIMInvert", 2, 0, {"cfg": 1.0, "refine": 2}, width=320)
     g.link(ckpt_node, "MODEL", invert, "model")
     g.link(encode, "LATENT", invert, "latent")
     g.link(sched, "SIGMAS", invert, "sigmas")
     g.link(texts["source"], "CONDITIONING", invert, "source")
-    nti = g.add("PSEditNullTextInversion", (x0 + 780, 380),
-                {"guidance": 7.5, "method": "null-text", "inner_iterations": 10, "early_stop": 1e-5,
-                 "learning_rate": 0.01}, size=(320, 230))
+    nti = g.add("PSEditNullTextInversion", 2, 0,
+                {"guidance": GAMMA, "method": "null-text", "inner_iterations": 10, "early_stop": 1e-5,
+                 "learning_rate": 0.01}, width=320)
     g.link(ckpt_node, "MODEL", nti, "model")
     g.link(invert, "inversion", nti, "inversion")
     g.link(texts["null"], "CONDITIONING", nti, "null")
@@ -118,25 +199,29 @@ def loaders(g: Graph, ckpt: str, photo: str, source: str, edit: str, steps: int,
             **texts}
 
 
-def triple(g: Graph, s: dict, pos, beta: float, window: tuple[float, float] | None, title: str):
-    node = g.add("PSEditTripleGuider", pos, {"gamma": 7.5, "beta": beta}, size=(320, 200), title=title)
+def window(g: Graph, col: int, y: float, span: tuple[float, float], title: str) -> dict:
+    return g.add("PSEditStepWindow", col, y, {"start": span[0], "end": span[1]}, title=title, width=320)
+
+
+def triple(g: Graph, s: dict, col: int, y: float, beta: float, span: tuple[float, float] | None,
+           title: str = "PSEdit Triple Guider") -> dict:
+    w = window(g, col, y, span, "text guidance window") if span is not None else None
+    node = g.add("PSEditTripleGuider", col, y, {"gamma": GAMMA, "beta": beta}, title=title, width=320)
     g.link(s["ckpt"], "MODEL", node, "model")
     for name in ("null", "source", "edit"):
         g.link(s[name], "CONDITIONING", node, name)
-    g.link(s["nti"], "null_schedule", node, "null_schedule")
-    if window is not None:
-        w = g.add("PSEditStepWindow", (pos[0], pos[1] - 120), {"start": window[0], "end": window[1]},
-                  size=(260, 80), title="text guidance window")
+    if w is not None:
         g.link(w, "window", node, "window")
+    g.link(s["nti"], "null_schedule", node, "null_schedule")
     return node
 
 
-def perceptual(g: Graph, s: dict, inner: dict, pos, window=(0.2, 0.8), mask: dict | None = None):
-    w = g.add("PSEditStepWindow", (pos[0], pos[1] - 120), {"start": window[0], "end": window[1]}, size=(260, 80),
-              title="perceptual guidance window")
-    node = g.add("PSEditPerceptualGuidance", pos,
-                 {"strength": 0.1, "lpips_net": "vgg", "gradient": "x0", "decoder": "taesd", "step": "normalized",
-                  "pixel_weight": 0.0}, size=(340, 260))
+def perceptual(g: Graph, s: dict, inner: dict, col: int, y: float, mask: dict | None = None,
+               title: str = "PSEdit Perceptual Guidance") -> dict:
+    w = window(g, col, y, PERCEPTUAL_WINDOW, "perceptual guidance window")
+    node = g.add("PSEditPerceptualGuidance", col, y,
+                 {"strength": PERCEPTUAL_STRENGTH, "lpips_net": "vgg", "gradient": "x0", "decoder": "taesd",
+                  "step": "normalized", "pixel_weight": 0.0}, title=title, width=340)
     g.link(inner, "GUIDER", node, "guider")
     g.link(s["ckpt"], "VAE", node, "vae")
     g.link(s["image"], "IMAGE", node, "image")
@@ -146,104 +231,146 @@ def perceptual(g: Graph, s: dict, inner: dict, pos, window=(0.2, 0.8), mask: dic
     return node
 
 
-def sample(g: Graph, s: dict, guider: dict, pos, prefix: str):
-    noise = g.add("DisableNoise", (pos[0], pos[1]), size=(200, 40))
-    sampler = g.add("KSamplerSelect", (pos[0], pos[1] + 80), {"sampler_name": "euler"}, size=(240, 60))
-    run = g.add("SamplerCustomAdvanced", (pos[0] + 280, pos[1]), size=(260, 110))
+def noise_and_sampler(g: Graph, col: int, y: float = 0) -> tuple[dict, dict]:
+    noise = g.add("DisableNoise", col, y, title="DisableNoise (inverted latent)", width=320)
+    sampler = g.add("KSamplerSelect", col, y, {"sampler_name": "euler"}, title="KSamplerSelect (euler = DDIM)",
+                    width=320)
+    return noise, sampler
+
+
+def sample(g: Graph, s: dict, guider: dict, noise: dict, sampler: dict, col: int, y: float = 0,
+           title: str | None = None) -> dict:
+    """SamplerCustomAdvanced from the inverted latent with the inversion's SIGMAS, then VAEDecode (same column)."""
+    run = g.add("SamplerCustomAdvanced", col, y, title=title, width=300)
     g.link(noise, "NOISE", run, "noise")
     g.link(guider, "GUIDER", run, "guider")
     g.link(sampler, "SAMPLER", run, "sampler")
     g.link(s["sched"], "SIGMAS", run, "sigmas")
     g.link(s["invert"], "inverted", run, "latent_image")
-    decode = g.add("VAEDecode", (pos[0] + 280, pos[1] + 150), size=(220, 50))
+    decode = g.add("VAEDecode", col, 0, width=300)
     g.link(run, "output", decode, "samples")
     g.link(s["ckpt"], "VAE", decode, "vae")
-    save = g.add("SaveImage", (pos[0] + 580, pos[1]), {"filename_prefix": prefix}, size=(320, 340))
-    g.link(decode, "IMAGE", save, "images")
     return decode
 
 
-SETUP_NOTE = (
-    "PSEdit: edit a real photo, keep the rest.\n\n"
-    "1. Load Checkpoint: an {family} checkpoint.\n2. Load Image: your photo ({res}; any size works, it is cropped to "
-    "a multiple of 8).\n3. source caption: what the photo shows. edit caption: what it should show (change few "
-    "words). Leave the null caption empty.\n4. Queue. The first run inverts the photo (DDIM Invert) and fits null-"
-    "text embeddings (about inner_iterations x 2 model calls per step)."
-)
-KNOBS_NOTE = (
-    "Knobs\n- Triple Guider beta: edit strength (0 = reconstruct the photo, 2-5 typical). gamma = CFG; keep it equal "
-    "to Null-Text Inversion's guidance.\n- Text window 0-0.4: the paper's 'first 20 of 50 steps'.\n- Perceptual "
-    "Guidance strength 0.05-0.15; its window decides how much detail returns (too late restores shadows as "
-    "objects). decoder taesd needs {taesd}.safetensors in models/vae_approx; LPIPS trunk weights go in "
-    "models/lpips (see README) or are downloaded once.\n- method negative-prompt: instant, slightly less faithful."
-)
+def save(g: Graph, image: dict, prefix: str, col: int, y: float = 0, title: str | None = None,
+         at: float | None = None, width: int = 420, height: int = 460) -> dict:
+    node = g.add("SaveImage", col, y, {"filename_prefix": prefix}, title=title, width=width, height=height, at=at)
+    g.link(image, "IMAGE", node, "images")
+    return node
 
 
-def edit_workflow(family: str, ckpt: str, res: str, taesd: str, masked: bool = False) -> dict:
+# --- notes ------------------------------------------------------------------------------------------------------------
+
+def setup_note(family: str, ckpt_hint: str, res: str) -> str:
+    return (
+        f"PSEdit ({family}): edit a real photo with a caption, keep everything else.\n\n"
+        f"1. Load Checkpoint: {ckpt_hint}.\n"
+        f"2. Load Image: your photo, about {res} (other sizes work; it is cropped to a multiple of 8).\n"
+        "3. source caption: what the photo shows. edit caption: the same sentence with the words to change "
+        "(\"cat\" -> \"tiger\"). Leave the null caption empty.\n"
+        "4. Queue. DDIM Invert turns the photo into the starting latent; Null-Text Inversion fits one null embedding "
+        "per step (about inner_iterations x 2 model calls per step; method 'negative-prompt' is instant, a little "
+        "less faithful). Keep the same BasicScheduler SIGMAS for inversion and sampling."
+    )
+
+
+def knobs_note(taesd: str) -> str:
+    return (
+        "Knobs\n"
+        f"- Triple Guider beta: edit strength (0 = the photo back; 2-5 typical). gamma = CFG scale: keep it equal to "
+        f"Null-Text Inversion's guidance ({GAMMA}).\n"
+        f"- text guidance window {TEXT_WINDOW[0]}-{TEXT_WINDOW[1]}: triple guidance in the first 40% of the steps "
+        "(the paper's first 20 of 50); plain CFG on the edit caption after that.\n"
+        f"- Perceptual Guidance strength {PERCEPTUAL_STRENGTH} (0.05-0.2 typical; 0 = off) pulls the result toward "
+        f"the photo by LPIPS in its window ({PERCEPTUAL_WINDOW[0]}-{PERCEPTUAL_WINDOW[1]}). decoder 'taesd' needs "
+        f"{taesd}_decoder.safetensors in models/vae_approx (or choose 'vae': exact, much slower). The LPIPS "
+        "trunk (e.g. vgg16-397923af.pth) goes in models/lpips, or is downloaded once (see the README)."
+    )
+
+
+# --- workflows --------------------------------------------------------------------------------------------------------
+
+def edit_workflow(family: str, ckpt: str, ckpt_hint: str, res: str, taesd: str, masked: bool = False) -> dict:
     g = Graph()
-    s = loaders(g, ckpt, "example.png", "a cat sitting on a sofa", "a tiger sitting on a sofa", 50)
-    g.note(SETUP_NOTE.format(family=family, res=res), (0, -240), size=(700, 200))
-    guider = triple(g, s, (1180, 160), beta=3.0, window=(0.0, 0.4), title="PSEdit Triple Guider")
+    s = loaders(g, ckpt, "example.png")
+    g.note(setup_note(family, ckpt_hint, res), 0, -300, width=760, height=240)
+    guider = triple(g, s, 3, 0, beta=BETA, span=TEXT_WINDOW)
     mask = None
     if masked:
-        mask = g.add("PSEditEditMask", (1180, 460),
-                     {"probe_end": 0.5, "blur": 1.0, "threshold": 0.5, "soft": False}, size=(320, 220))
+        mask = g.add("PSEditEditMask", 3, 0, {"probe_end": 0.5, "blur": 1.0, "threshold": 0.5, "soft": False},
+                     width=320)
         g.link(s["ckpt"], "MODEL", mask, "model")
         g.link(s["invert"], "inversion", mask, "inversion")
         g.link(s["source"], "CONDITIONING", mask, "source")
         g.link(s["edit"], "CONDITIONING", mask, "edit")
-        preview = g.add("MaskToImage", (1180, 720), size=(220, 50))
-        g.link(mask, "edit_mask", preview, "mask")
-        show = g.add("PreviewImage", (1180, 800), size=(320, 300), title="edit mask preview (white = edited)")
-        g.link(preview, "IMAGE", show, "images")
+    guided = perceptual(g, s, guider, 4, 0, mask=mask)
+    if masked:
+        to_image = g.add("MaskToImage", 4, 0, width=340)
+        g.link(mask, "edit_mask", to_image, "mask")
+        preview = g.add("PreviewImage", 4, 0, title="edit mask preview (white = edited)", width=340, height=300)
+        g.link(to_image, "IMAGE", preview, "images")
+    noise, sampler = noise_and_sampler(g, 5)
+    decode = sample(g, s, guided, noise, sampler, 6)
+    save(g, decode, f"psedit_{'masked_' if masked else ''}edit", 7)
+    g.note(knobs_note(taesd), 3, -300, width=730, height=240)
+    if masked:
         g.note("Edit mask: white where the edit may change the photo, estimated from where the edit and source "
-               "captions disagree. Preview it here; lower threshold = larger region. To use your own, paint a mask "
-               "in Load Image (right-click > Open in MaskEditor) and connect Load Image's MASK to Edit Mask's "
-               "mask input (it is then passed through). Only the area outside the mask is pulled toward the photo.",
-               (1560, 800), size=(420, 200))
-    guided = perceptual(g, s, guider, (1560, 160), mask=mask)
-    sample(g, s, guided, (1960, 160), f"psedit_{'masked_' if masked else ''}edit")
-    g.note(KNOBS_NOTE.format(taesd=taesd), (1960, -240), size=(700, 200))
+               "captions disagree in the first steps (probe_end). Lower threshold = larger region; blur softens "
+               "its edge. To use your own, paint a mask in Load Image (right-click > Open in MaskEditor) and connect "
+               "Load Image's MASK to Edit Mask's mask input (it is then passed through). Perceptual guidance then "
+               "pulls only the area outside the mask toward the photo.", 5, -300, width=720, height=240, at=0)
     return g.to_json()
 
 
 def ablation_workflow() -> dict:
     g = Graph()
-    s = loaders(g, "v1-5-pruned-emaonly.safetensors", "example.png", "a cat sitting on a sofa",
-                "a tiger sitting on a sofa", 50)
-    g.note("The paper's Figure 3 / table as one graph (arXiv 2312.06680). One inversion and one null-text inversion "
-           "feed three edits, saved side by side:\n1. Null-text: plain CFG on the edit caption (beta = gamma) with "
-           "the null-text schedule.\n2. Text optimization: triple guidance (beta 3) in the first 40% of the steps.\n"
-           "3. Perceptual + text optimization: 2. plus LPIPS guidance toward the photo in steps 20-80%.\n"
-           + SETUP_NOTE.format(family="SD1.5", res="512x512").split("\n\n", 1)[1], (0, -300), size=(760, 260))
-    nulltext = triple(g, s, (1180, 0), beta=7.5, window=None, title="1. Null-text (plain CFG on the edit)")
-    textopt = triple(g, s, (1180, 560), beta=3.0, window=(0.0, 0.4), title="2. Text optimization")
-    textopt_b = triple(g, s, (1180, 1060), beta=3.0, window=(0.0, 0.4), title="3. Text optimization (for +LPIPS)")
-    guided = perceptual(g, s, textopt_b, (1560, 1060))
-    d1 = sample(g, s, nulltext, (1960, 0), "psedit_nulltext")
-    d2 = sample(g, s, textopt, (1960, 560), "psedit_textopt")
-    d3 = sample(g, s, guided, (1960, 1060), "psedit_perceptual")
-    batch = g.add("ImageBatch", (2900, 300), size=(220, 60), title="photo + Null-text")
-    g.link(s["image"], "IMAGE", batch, "image1")
-    g.link(d1, "IMAGE", batch, "image2")
-    batch2 = g.add("ImageBatch", (2900, 400), size=(220, 60), title="+ Text optimization")
-    g.link(batch, "IMAGE", batch2, "image1")
-    g.link(d2, "IMAGE", batch2, "image2")
-    batch3 = g.add("ImageBatch", (2900, 500), size=(220, 60), title="+ Perceptual + text")
-    g.link(batch2, "IMAGE", batch3, "image1")
-    g.link(d3, "IMAGE", batch3, "image2")
-    save = g.add("SaveImage", (3160, 300), {"filename_prefix": "psedit_ablation"}, size=(700, 360),
-                 title="source | Null-text | Text optimization | Perceptual + text")
-    g.link(batch3, "IMAGE", save, "images")
+    s = loaders(g, "v1-5-pruned-emaonly.safetensors", "example.png")
+    g.note("The paper's Figure 3 as one graph (arXiv 2312.06680): one DDIM inversion and one null-text inversion "
+           "feed three edits of the same photo, saved side by side.\n"
+           "1. Null-text: plain CFG on the edit caption (beta = gamma, no window) with the null-text schedule.\n"
+           f"2. Text optimization: triple guidance (gamma {GAMMA}, beta {BETA}) in the first 40% of the steps.\n"
+           "3. Perceptual + text optimization: guider 2 wrapped by LPIPS guidance toward the photo in steps "
+           "20-80%.\n\n" + setup_note("SD1.5", "an SD1.5 checkpoint (e.g. v1-5-pruned-emaonly)", "512x512")
+           .split("\n\n", 1)[1], 0, -420, width=1100, height=360)
+    nulltext = triple(g, s, 3, 0, beta=GAMMA, span=None, title="1. Null-text (plain CFG on the edit)")
+    textopt = triple(g, s, 3, 260, beta=BETA, span=TEXT_WINDOW, title="2. Text optimization")
+    noise, sampler = noise_and_sampler(g, 4, 0)
+    guided = perceptual(g, s, textopt, 4, 560, title="3. Perceptual + text optimization")
+    d1 = sample(g, s, nulltext, noise, sampler, 5, 0, title="sample 1. Null-text")
+    d2 = sample(g, s, textopt, noise, sampler, 5, 330, title="sample 2. Text optimization")
+    d3 = sample(g, s, guided, noise, sampler, 5, 660, title="sample 3. Perceptual + text")
+    w, gap = 400, 40
+    save(g, d1, "psedit_nulltext", 6, 0, "1. Null-text", at=0, width=w)
+    save(g, d2, "psedit_textopt", 6, 0, "2. Text optimization", at=w + gap, width=w)
+    save(g, d3, "psedit_perceptual", 6, 0, "3. Perceptual + text optimization", at=2 * (w + gap), width=w)
+    g.note(knobs_note("taesd"), 6, -420, width=3 * w + 2 * gap, height=360)
+    if "ImageBatch" in INFO:
+        y = 560
+        batch = g.add("ImageBatch", 6, y, title="source + 1", width=220, at=0)
+        g.link(s["image"], "IMAGE", batch, "image1")
+        g.link(d1, "IMAGE", batch, "image2")
+        batch2 = g.add("ImageBatch", 6, y + 120, title="+ 2", width=220, at=0)
+        g.link(batch, "IMAGE", batch2, "image1")
+        g.link(d2, "IMAGE", batch2, "image2")
+        batch3 = g.add("ImageBatch", 6, y + 240, title="+ 3", width=220, at=0)
+        g.link(batch2, "IMAGE", batch3, "image1")
+        g.link(d3, "IMAGE", batch3, "image2")
+        save(g, batch3, "psedit_ablation", 6, y, "source | Null-text | Text optimization | Perceptual + text",
+             at=220 + gap, width=3 * w + 2 * gap - 220 - gap, height=420)
     return g.to_json()
 
 
 WORKFLOWS = {
-    "psedit_edit_sd15": lambda: edit_workflow("SD1.5", "v1-5-pruned-emaonly.safetensors", "512x512", "taesd"),
+    "psedit_edit_sd15": lambda: edit_workflow(
+        "SD1.5", "v1-5-pruned-emaonly.safetensors", "an SD1.5 checkpoint (e.g. v1-5-pruned-emaonly)", "512x512",
+        "taesd"),
     "psedit_ablation_sd15": ablation_workflow,
-    "psedit_edit_sdxl": lambda: edit_workflow("SDXL", "sd_xl_base_1.0.safetensors", "1024x1024", "taesdxl"),
-    "psedit_masked_edit_sd15": lambda: edit_workflow("SD1.5", "v1-5-pruned-emaonly.safetensors", "512x512", "taesd",
-                                                     masked=True),
+    "psedit_edit_sdxl": lambda: edit_workflow(
+        "SDXL", "sd_xl_base_1.0.safetensors", "an SDXL checkpoint (e.g. sd_xl_base_1.0)", "1024x1024", "taesdxl"),
+    "psedit_masked_edit_sd15": lambda: edit_workflow(
+        "SD1.5", "v1-5-pruned-emaonly.safetensors", "an SD1.5 checkpoint (e.g. v1-5-pruned-emaonly)", "512x512",
+        "taesd", masked=True),
 }
 
 

@@ -1,10 +1,14 @@
-"""Write tests/data/object_info.json: the schemas of every node type the example workflows use, from a live server.
+"""Write tests/data/object_info.json: the schemas of PSEdit's nodes and of every stock node the workflows use.
 
     COMFYUI_PATH=/path/to/ComfyUI python tools/snapshot_object_info.py
+    python tools/make_workflows.py      # then regenerate the workflows from it
 
-Starts ComfyUI on loopback with this repository installed (see tests/host/comfy_server.py), reads /object_info and keeps
-PSEdit's nodes and the stock nodes in STOCK. The always-run workflow tests validate example_workflows/ against this
-file; a host test checks it still equals the live schemas, so it cannot go stale unnoticed.
+Starts ComfyUI (``main.py --cpu``, loopback, a free port, no browser, no API nodes) with this repository installed as
+``custom_nodes/psedit`` in a throw-away base directory (see tests/host/comfy_server.py), reads ``/object_info``, keeps
+every ``PSEdit*`` node plus the stock nodes the generator needs (STOCK, OPTIONAL) and any other type found in
+example_workflows/, and stops the server. File lists (checkpoints, input images) are emptied so the snapshot is the
+same on every machine. The always-run workflow tests validate example_workflows/ against this file; a host test
+checks it still equals the live schemas, so it cannot go stale unnoticed.
 """
 
 from __future__ import annotations
@@ -19,37 +23,63 @@ sys.path.insert(0, str(REPO / "tests" / "host"))
 from comfy_server import Server  # noqa: E402
 
 OUT = REPO / "tests" / "data" / "object_info.json"
+# Stock nodes tools/make_workflows.py builds with; OPTIONAL ones are used only when this ComfyUI has them.
 STOCK = ["CheckpointLoaderSimple", "CLIPTextEncode", "LoadImage", "VAEEncode", "VAEDecode", "BasicScheduler",
-         "KSamplerSelect", "DisableNoise", "SamplerCustomAdvanced", "SaveImage", "PreviewImage", "ImageBatch",
-         "MaskToImage", "GrowMask"]
-# Machine-specific option lists (files on disk) are emptied so the snapshot is the same everywhere.
+         "KSamplerSelect", "DisableNoise", "SamplerCustomAdvanced", "SaveImage", "PreviewImage", "MaskToImage"]
+OPTIONAL = ["ImageBatch"]
+FRONTEND_ONLY = {"Note", "MarkdownNote", "Reroute", "PrimitiveNode"}
+# Machine-specific option lists (files on disk), emptied; tests/workflows/validate.py accepts any file name there.
 FILE_LISTS = {("CheckpointLoaderSimple", "ckpt_name"), ("LoadImage", "image")}
 
 
-def keep(object_info: dict) -> dict:
-    out = {}
-    for name, info in sorted(object_info.items()):
-        if name.startswith("PSEdit") or name in STOCK:
-            info = json.loads(json.dumps(info))
-            for node, inp in FILE_LISTS:
-                if name == node:
-                    spec = info["input"]["required"][inp]
-                    spec[0] = [] if isinstance(spec[0], list) else spec[0]
-                    if isinstance(spec[1], dict) and "options" in spec[1]:
-                        spec[1]["options"] = []
-            out[name] = info
-    return out
+def workflow_types() -> set[str]:
+    types = set()
+    for path in sorted((REPO / "example_workflows").glob("*.json")):
+        types |= {n["type"] for n in json.loads(path.read_text())["nodes"]} - FRONTEND_ONLY
+    return types
+
+
+def strip_file_lists(name: str, info: dict) -> dict:
+    """``info`` with the option lists of file-name inputs emptied (old list form and new COMBO form)."""
+    info = json.loads(json.dumps(info))
+    for node, inp in FILE_LISTS:
+        if name != node:
+            continue
+        for group in ("required", "optional"):
+            spec = info["input"].get(group, {}).get(inp)
+            if spec is None:
+                continue
+            if isinstance(spec[0], list):
+                spec[0] = []
+            if len(spec) > 1 and isinstance(spec[1], dict) and "options" in spec[1]:
+                spec[1]["options"] = []
+    return info
+
+
+def keep(object_info: dict, wanted: set[str]) -> dict:
+    return {name: strip_file_lists(name, info) for name, info in sorted(object_info.items())
+            if name.startswith("PSEdit") or name in wanted}
 
 
 def main() -> None:
-    with Server() as server:
-        info = keep(server.get("/object_info"))
-    missing = [n for n in STOCK if n not in info]
+    wanted = set(STOCK) | set(OPTIONAL) | workflow_types()
+    server = Server()
+    try:
+        server.start()
+        live = server.get("/object_info")
+        log = server.log()
+    finally:
+        server.stop(remove=True)
+    missing = sorted(n for n in wanted - set(OPTIONAL) if n not in live)
     if missing:
-        raise SystemExit(f"these stock nodes are missing from this ComfyUI: {missing}")
+        raise SystemExit(f"these node types are missing from this ComfyUI: {missing}")
+    if not any(n.startswith("PSEdit") for n in live):
+        raise SystemExit(f"PSEdit's nodes did not load; the server log was:\n{log[-4000:]}")
+    info = keep(live, wanted)
     OUT.parent.mkdir(parents=True, exist_ok=True)
     OUT.write_text(json.dumps(info, indent=1, sort_keys=True) + "\n")
-    sys.stdout.write(f"wrote {OUT} ({len(info)} node types)\n")
+    sys.stdout.write(f"wrote {OUT.relative_to(REPO)} ({len(info)} node types; "
+                     f"{', '.join(n for n in OPTIONAL if n not in live) or 'no optional node'} missing)\n")
 
 
 if __name__ == "__main__":

@@ -1,7 +1,11 @@
 """Start a real ComfyUI server (COMFYUI_PATH) on loopback with this repository installed as a custom node pack.
 
 Used by the host server test and ``tools/snapshot_object_info.py``. The server gets its own base directory
-(custom_nodes/psedit -> this repo, models/, input/, output/), so it never touches a user's ComfyUI folders.
+(custom_nodes/psedit -> this repo, models/, input/, output/), so it never touches a user's ComfyUI folders and loads no
+other custom node pack (a ``custom_nodes:`` entry in an extra_model_paths.yaml would add ours to ComfyUI's own
+custom_nodes/, including any PSEdit copy installed there). Loopback only, offline (--disable-api-nodes), no browser;
+its database lives in the base directory too (ComfyUI's default is inside the checkout; an in-memory one logs
+SQLite thread errors).
 """
 
 from __future__ import annotations
@@ -29,8 +33,10 @@ def free_port() -> int:
 
 
 class Server:
-    def __init__(self, base: Path | None = None, python: str = sys.executable, timeout: float = 180):
+    def __init__(self, base: Path | None = None, python: str = sys.executable, timeout: float = 180,
+                 extra_args: tuple[str, ...] = ()):
         self.root = comfy_path()
+        self.extra_args = list(extra_args)
         self.base = Path(base or tempfile.mkdtemp(prefix="psedit-comfy-"))
         self.port = free_port()
         self.python, self.timeout = python, timeout
@@ -49,11 +55,19 @@ class Server:
             link.symlink_to(REPO, target_is_directory=True)
         return self
 
+    def extra_model_paths(self, folders: dict[str, Path]) -> Server:
+        """Register model folders (``{"vae_approx": path, ...}``) the way a user's extra_model_paths.yaml does."""
+        self.base.mkdir(parents=True, exist_ok=True)
+        config = self.base / "extra_model_paths.yaml"
+        config.write_text("psedit_test:\n" + "".join(f"  {k}: {json.dumps(str(v))}\n" for k, v in folders.items()))
+        self.extra_args += ["--extra-model-paths-config", str(config)]
+        return self
+
     def start(self) -> Server:
         self.prepare()
         cmd = [self.python, str(self.root / "main.py"), "--cpu", "--listen", "127.0.0.1", "--port", str(self.port),
                "--base-directory", str(self.base), "--disable-auto-launch", "--disable-api-nodes",
-               "--database-url", "sqlite:///:memory:"]
+               "--database-url", f"sqlite:///{self.base / 'user' / 'comfyui.db'}", *self.extra_args]
         log = open(self.log_path, "w")  # noqa: SIM115 (closed in stop)
         env = dict(os.environ, PYTHONUNBUFFERED="1")
         self.proc = subprocess.Popen(cmd, cwd=self.root, stdout=log, stderr=subprocess.STDOUT, env=env)

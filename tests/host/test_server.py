@@ -1,64 +1,167 @@
 """Host tier: a real ComfyUI server with PSEdit in custom_nodes starts cleanly, serves PSEdit's node schemas (equal
-to the snapshot the always-run workflow tests use) and lists and serves the example workflows as templates."""
+to the snapshot the always-run workflow tests use, so it cannot go stale), documents every node and input, and lists
+and serves the example workflows as templates."""
 
 from __future__ import annotations
 
 import json
+import re
+import sys
+import urllib.error
 import urllib.request
 
 import pytest
 import tiny
+from PIL import Image
 
 try:
     tiny.comfy_path()
-except tiny.ComfyUnavailable as exc:
-    pytest.skip(str(exc), allow_module_level=True)
+except tiny.ComfyUnavailable:
+    pytest.skip("set COMFYUI_PATH to a ComfyUI checkout", allow_module_level=True)
+
+sys.path.insert(0, str(tiny.REPO / "tools"))
+sys.path.insert(0, str(tiny.REPO / "tests" / "workflows"))
 
 from comfy_server import PACK_FOLDER, Server  # noqa: E402
+from snapshot_object_info import strip_file_lists  # noqa: E402  (tools/: the snapshot's own normalisation)
+from ui_to_api import ui_to_api  # noqa: E402
 
 SNAPSHOT = json.loads((tiny.REPO / "tests" / "data" / "object_info.json").read_text())
 WORKFLOWS = sorted(p.stem for p in (tiny.REPO / "example_workflows").glob("*.json"))
+PSEDIT_NODES = {"PSEditDDIMInvert", "PSEditNullTextInversion", "PSEditTripleGuider", "PSEditPerceptualGuidance",
+                "PSEditStepWindow", "PSEditEditMask"}
+SCHEMA_KEYS = ("input", "input_order", "output", "output_is_list", "output_name")
+
+
+def named_files() -> set[tuple[str, str]]:
+    """``(node type, file name)`` of every checkpoint and photo the workflows name (machine-specific combos)."""
+    found = set()
+    for name in WORKFLOWS:
+        wf = json.loads((tiny.REPO / "example_workflows" / f"{name}.json").read_text())
+        found |= {(n["type"], n["widgets_values"][0]) for n in wf["nodes"]
+                  if n["type"] in ("CheckpointLoaderSimple", "LoadImage")}
+    return found
 
 
 @pytest.fixture(scope="module")
 def server():
-    s = Server().start()
+    s = Server().prepare()  # loopback, free port, own base directory; log in <base>/server.log
+    # The files the workflows name, so ComfyUI's own prompt validation accepts their combos: a stub checkpoint
+    # (loading it fails, after validation) and a real little image.
+    (s.base / "models" / "checkpoints").mkdir(parents=True, exist_ok=True)
+    for kind, file in named_files():
+        if kind == "CheckpointLoaderSimple":
+            (s.base / "models" / "checkpoints" / file).write_bytes(b"")
+        else:
+            Image.new("RGB", (64, 64), (120, 90, 60)).save(s.base / "input" / file)
+    s.start()
     yield s
     s.stop(remove=True)
 
 
-def test_pack_imports_without_errors(server):
+@pytest.fixture(scope="module")
+def live(server):
+    return server.get("/object_info")
+
+
+def tracebacks(log: str) -> list[str]:
+    """Each traceback in ``log``: its header, indented frames, and the exception line(s) that end it."""
+    blocks, current = [], None
+    for line in log.splitlines():
+        if line.startswith("Traceback (most recent call last)"):
+            current = [line]
+            blocks.append(current)
+        elif current is not None and (line.startswith(" ") or len(current) == 1):
+            current.append(line)
+        elif current is not None:
+            current.append(line)  # the exception line
+            current = None
+    return ["\n".join(b) for b in blocks]
+
+
+def pack_problems(log: str) -> list[str]:
+    """Log lines or tracebacks that say PSEdit failed to load (other packs' failures are not ours)."""
+    problems = [tb for tb in tracebacks(log) if "psedit" in tb.lower()]
+    for line in log.splitlines():
+        if "psedit" in line.lower() and any(s in line for s in ("Cannot import", "IMPORT FAILED", "Error while calling",
+                                                                "Skip ", "did not return")):
+            problems.append(line)
+    return problems
+
+
+def test_pack_imports_without_errors(server, live):
     log = server.log()
-    lines = [line for line in log.splitlines() if PACK_FOLDER in line or "psedit" in line.lower()]
-    assert not [line for line in lines if "IMPORT FAILED" in line or "Error" in line], lines
-    assert any("custom_nodes/psedit" in line for line in lines), log[-2000:]
+    assert pack_problems(log) == [], log[-4000:]
+    assert re.search(rf"seconds: .*custom_nodes/{PACK_FOLDER}\s*$", log, re.M), log[-3000:]
+    assert "Unable to parse pyproject.toml" not in log  # our pyproject.toml is the only one this server reads
 
 
-def test_schemas_match_snapshot(server):
-    live = server.get("/object_info")
-    psedit = sorted(k for k in live if k.startswith("PSEdit"))
-    assert psedit == sorted(k for k in SNAPSHOT if k.startswith("PSEdit"))
-    for name, snap in SNAPSHOT.items():
-        info = json.loads(json.dumps(live[name]))
-        for group in ("required", "optional"):  # file lists are machine-specific; the snapshot keeps them empty
-            for spec in info["input"].get(group, {}).values():
-                if name in ("CheckpointLoaderSimple", "LoadImage") and isinstance(spec[0], list):
-                    spec[0] = []
-                    if len(spec) > 1 and isinstance(spec[1], dict) and "options" in spec[1]:
-                        spec[1]["options"] = []
-        assert info == snap, f"{name} changed: run tools/snapshot_object_info.py and tools/make_workflows.py"
-    for name in psedit:
-        info = live[name]
-        assert len(info["description"]) > 40
-        for group in ("required", "optional"):
-            for inp, spec in info["input"].get(group, {}).items():
-                assert len(spec) > 1 and spec[1].get("tooltip"), (name, inp)
+def test_log_check_recognises_failures():
+    assert pack_problems("   0.1 seconds (IMPORT FAILED): /tmp/x/custom_nodes/psedit\n")
+    assert pack_problems("Traceback (most recent call last):\n  File \"/tmp/custom_nodes/psedit/nodes/a.py\"\n"
+                         "NameError: x\nCannot import /tmp/custom_nodes/psedit module for custom nodes: x\n")
+    assert not pack_problems("Traceback (most recent call last):\n  File \"/c/nodes_audio.py\"\n"
+                             "ModuleNotFoundError: torchaudio\n\nImport times for custom nodes:\n"
+                             "   0.0 seconds: /tmp/x/custom_nodes/psedit\n")
+
+
+def test_all_psedit_nodes_served(live):
+    served = {k for k in live if k.startswith("PSEdit")}
+    assert served >= PSEDIT_NODES
+    assert served == {k for k in SNAPSHOT if k.startswith("PSEdit")}, \
+        "run tools/snapshot_object_info.py and tools/make_workflows.py"
+
+
+@pytest.mark.parametrize("name", sorted(SNAPSHOT))
+def test_schema_matches_snapshot(live, name):
+    assert name in live, f"{name} is not served by this ComfyUI"
+    info = strip_file_lists(name, live[name])
+    fix = "run tools/snapshot_object_info.py, then tools/make_workflows.py"
+    for key in SCHEMA_KEYS:
+        assert info.get(key) == SNAPSHOT[name].get(key), f"{name} {key} changed: {fix}"
+    assert info == SNAPSHOT[name], f"{name} changed (description, tooltips, ...): {fix}"
+
+
+@pytest.mark.parametrize("name", sorted(PSEDIT_NODES))
+def test_psedit_nodes_are_documented(live, name):
+    info = live[name]
+    assert info["category"] == "PSEdit"
+    assert info["display_name"].startswith("PSEdit ")
+    assert len(info.get("description") or "") > 40, f"{name} has no real description"
+    for group in ("required", "optional"):
+        for inp, spec in info["input"].get(group, {}).items():
+            assert len(spec) > 1 and (spec[1].get("tooltip") or "").strip(), f"{name}.{inp} has no tooltip"
+    assert all((t or "").strip() for t in info.get("output_tooltips", [])), f"{name} has an output without tooltip"
+    assert len(info.get("output_tooltips", [])) == len(info["output"])
 
 
 def test_workflow_templates_listed_and_served(server):
     templates = server.get("/workflow_templates")
     assert sorted(templates.get(PACK_FOLDER, [])) == WORKFLOWS
+    assert len(WORKFLOWS) >= 3
     for name in WORKFLOWS:
-        with urllib.request.urlopen(f"{server.url}/api/workflow_templates/{PACK_FOLDER}/{name}.json") as r:
+        with urllib.request.urlopen(f"{server.url}/api/workflow_templates/{PACK_FOLDER}/{name}.json",
+                                    timeout=30) as r:
+            assert r.status == 200
             served = json.loads(r.read())
         assert served == json.loads((tiny.REPO / "example_workflows" / f"{name}.json").read_text())
+
+
+@pytest.mark.parametrize("name", WORKFLOWS)
+def test_api_twin_passes_comfyui_validation(server, name):
+    """ComfyUI's own validate_prompt (types, ranges, options, required inputs, output nodes) accepts each workflow's
+    API-format twin. Accepted prompts are queued; the queue is cleared and the stub checkpoint fails to load."""
+    workflow = json.loads((tiny.REPO / "example_workflows" / f"{name}.json").read_text())
+    prompt = ui_to_api(workflow, SNAPSHOT)
+    request = urllib.request.Request(f"{server.url}/prompt", data=json.dumps({"prompt": prompt}).encode(),
+                                     headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(request, timeout=30) as r:
+            answer = json.loads(r.read())
+    except urllib.error.HTTPError as exc:
+        pytest.fail(f"ComfyUI rejected {name}: {exc.read().decode()[:3000]}")
+    finally:  # drop what was queued (its body is empty, not JSON)
+        clear = urllib.request.Request(f"{server.url}/queue", data=b'{"clear": true}',
+                                       headers={"Content-Type": "application/json"})
+        urllib.request.urlopen(clear, timeout=30).close()
+    assert answer.get("node_errors") == {} and answer.get("prompt_id"), answer

@@ -1,5 +1,9 @@
 """Slow, opt-in (PSEDIT_SLOW=1 and COMFYUI_PATH): ComfyUI's server runs the edit workflow's API-format twin on a
-randomly initialised full-size SD1.5 checkpoint at 64x64, with PSEdit installed, and writes a finite image."""
+randomly initialised full-size SD1.5 checkpoint at 64x64, with PSEdit installed, and writes a finite image.
+
+The checkpoint (UNet + CLIP-L + SD VAE, random weights, fp32, about 4 GB) is built with ComfyUI's own classes and saved
+with ``comfy.sd.save_checkpoint`` in a temporary folder; the real TAESD decoder and LPIPS trunk come from
+../shared/weights through an extra_model_paths.yaml, as a user would register them."""
 
 from __future__ import annotations
 
@@ -22,7 +26,7 @@ except tiny.ComfyUnavailable as exc:
     pytest.skip(str(exc), allow_module_level=True)
 
 from comfy_server import Server  # noqa: E402
-from validate import ui_to_api  # noqa: E402
+from ui_to_api import ui_to_api  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -31,39 +35,42 @@ def checkpoint(tmp_path_factory):
         pytest.skip("needs ../shared/weights (TAESD, LPIPS trunks)")
     path = tmp_path_factory.mktemp("ckpt") / "random_sd15.safetensors"
     tiny.random_sd15_checkpoint(path)
-    return path
+    yield path
+    path.unlink(missing_ok=True)  # 4 GB: pytest keeps its temporary folders around
 
 
-def test_edit_workflow_runs_on_server(tmp_path, checkpoint):
-    server = Server(base=tmp_path / "comfy").prepare()
-    models = server.base / "models"
-    (models / "checkpoints").mkdir(parents=True)
-    (models / "checkpoints" / checkpoint.name).symlink_to(checkpoint)
-    for name, folder in (("vae_approx", "taesd"), ("lpips", "lpips")):
-        (models / name).mkdir()
-        for f in (tiny.WEIGHTS / folder).iterdir():
-            (models / name / f.name).symlink_to(f)
-    Image.fromarray((tiny.photo(64)[0].numpy() * 255).astype(np.uint8)).save(server.base / "input" / "photo.png")
+STEPS, INNER_ITERATIONS, TIMEOUT_S = 4, 2, 1500
 
+
+def api_prompt(ckpt_name: str, photo: str) -> dict:
+    """psedit_edit_sd15.json as the frontend would POST it, with the files set and the run shortened."""
     repo = tiny.REPO
     object_info = json.loads((repo / "tests" / "data" / "object_info.json").read_text())
     workflow = json.loads((repo / "example_workflows" / "psedit_edit_sd15.json").read_text())
     prompt = ui_to_api(workflow, object_info)
+    changes = {"CheckpointLoaderSimple": {"ckpt_name": ckpt_name}, "LoadImage": {"image": photo},
+               "BasicScheduler": {"steps": STEPS}, "PSEditNullTextInversion": {"inner_iterations": INNER_ITERATIONS}}
     for node in prompt.values():
-        inputs = node["inputs"]
-        if node["class_type"] == "CheckpointLoaderSimple":
-            inputs["ckpt_name"] = "random_sd15.safetensors"
-        elif node["class_type"] == "LoadImage":
-            inputs["image"] = "photo.png"
-        elif node["class_type"] == "BasicScheduler":
-            inputs["steps"] = 4
-        elif node["class_type"] == "PSEditNullTextInversion":
-            inputs["inner_iterations"] = 2
+        for name, value in changes.get(node["class_type"], {}).items():
+            assert name in node["inputs"], (node["class_type"], name)
+            node["inputs"][name] = value
+    assert {n["class_type"] for n in prompt.values()} >= set(changes) | {"PSEditPerceptualGuidance", "SaveImage"}
+    return prompt
+
+
+def test_edit_workflow_runs_on_server(tmp_path, checkpoint):
+    server = Server(base=tmp_path / "comfy").prepare()
+    checkpoints = server.base / "models" / "checkpoints"
+    checkpoints.mkdir(parents=True)
+    (checkpoints / checkpoint.name).symlink_to(checkpoint)
+    server.extra_model_paths({"vae_approx": tiny.WEIGHTS / "taesd", "lpips": tiny.WEIGHTS / "lpips"})
+    Image.fromarray((tiny.photo(64)[0].numpy() * 255).astype(np.uint8)).save(server.base / "input" / "photo.png")
+    prompt = api_prompt(checkpoint.name, "photo.png")
 
     server.start()
     try:
         prompt_id = server.post("/prompt", {"prompt": prompt})["prompt_id"]
-        deadline = time.time() + 1500
+        deadline, history = time.time() + TIMEOUT_S, {}
         while time.time() < deadline:
             history = server.get(f"/history/{prompt_id}")
             if prompt_id in history and history[prompt_id].get("status", {}).get("completed") is not None:
@@ -74,10 +81,15 @@ def test_edit_workflow_runs_on_server(tmp_path, checkpoint):
         assert status == "success", json.dumps(record)[-3000:] + server.log()[-3000:]
     finally:
         server.stop()
-    files = sorted((server.base / "output").glob("psedit_edit_*.png"))
-    assert files, server.log()[-3000:]
-    image = np.asarray(Image.open(files[-1])).astype(np.float32)
-    assert image.shape == (64, 64, 3) and np.isfinite(image).all() and image.std() > 1.0
+    saved = [img for out in record["outputs"].values() for img in out.get("images", [])]
+    assert [img["filename"].startswith("psedit_edit_") for img in saved] == [True], saved
+    path = server.base / "output" / saved[0].get("subfolder", "") / saved[0]["filename"]
+    assert path.is_file(), server.log()[-3000:]
+    image = np.asarray(Image.open(path).convert("RGB")).astype(np.float32)
+    assert image.shape == (64, 64, 3)
+    assert np.isfinite(image).all() and image.std() > 1.0, "the edit came out constant"
+    log = server.log()
+    assert "Adding extra search path lpips" in log and "Adding extra search path vae_approx" in log
 
 
 def test_psedit_edit_command_on_a_checkpoint(tmp_path, checkpoint):

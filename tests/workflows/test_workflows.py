@@ -1,25 +1,56 @@
 """Every example workflow is valid against the node schemas (tests/data/object_info.json, checked against a live
-ComfyUI by tests/host/test_server.py) and converts to an API-format prompt. No ComfyUI needed."""
+ComfyUI by tests/host/test_server.py), is what tools/make_workflows.py generates, and converts to an API-format
+prompt. No ComfyUI needed."""
 
 import copy
+import importlib.util
 import json
 from pathlib import Path
 
 import pytest
-from validate import inputs_in_order, is_widget, ui_to_api, validate
+from ui_to_api import CONTROL, FRONTEND_ONLY, inputs_in_order, is_widget, ui_to_api, widget_slots
+from validate import overlaps, validate
 
 REPO = Path(__file__).resolve().parents[2]
 OBJECT_INFO = json.loads((REPO / "tests" / "data" / "object_info.json").read_text())
 WORKFLOWS = sorted((REPO / "example_workflows").glob("*.json"))
 EXPECTED = {"psedit_edit_sd15", "psedit_ablation_sd15", "psedit_edit_sdxl", "psedit_masked_edit_sd15"}
+PSEDIT_NODES = {"PSEditDDIMInvert", "PSEditNullTextInversion", "PSEditTripleGuider", "PSEditPerceptualGuidance",
+                "PSEditStepWindow", "PSEditEditMask"}
 
 
-def load(path):
+def load(name_or_path):
+    path = name_or_path if isinstance(name_or_path, Path) else REPO / "example_workflows" / f"{name_or_path}.json"
     return json.loads(path.read_text())
+
+
+def nodes_of(wf, type_):
+    return [n for n in wf["nodes"] if n["type"] == type_]
+
+
+def node_of(wf, type_):
+    return nodes_of(wf, type_)[0]
+
+
+def widgets(node) -> dict:
+    """A node's widget values by input name (UI-only values dropped)."""
+    slots = widget_slots(OBJECT_INFO[node["type"]])
+    return {name: v for (name, _), v in zip(slots, node["widgets_values"], strict=True) if not name.startswith("<")}
+
+
+def source_of(wf, node, input_name):
+    """The node feeding ``node``'s input ``input_name``."""
+    link_id = next(i["link"] for i in node["inputs"] if i["name"] == input_name)
+    link = next(link for link in wf["links"] if link[0] == link_id)
+    return next(n for n in wf["nodes"] if n["id"] == link[1])
 
 
 def test_expected_workflows_present():
     assert {p.stem for p in WORKFLOWS} == EXPECTED
+
+
+def test_snapshot_has_every_psedit_node():
+    assert PSEDIT_NODES <= {k for k in OBJECT_INFO if k.startswith("PSEdit")}
 
 
 @pytest.mark.parametrize("path", WORKFLOWS, ids=lambda p: p.stem)
@@ -28,9 +59,24 @@ def test_workflow_valid(path):
 
 
 @pytest.mark.parametrize("path", WORKFLOWS, ids=lambda p: p.stem)
+def test_workflow_layout_has_no_overlaps(path):
+    assert overlaps(load(path)) == []
+
+
+def test_workflows_are_what_the_generator_writes():
+    spec = importlib.util.spec_from_file_location("make_workflows", REPO / "tools" / "make_workflows.py")
+    gen = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(gen)
+    assert set(gen.WORKFLOWS) == EXPECTED
+    for name, build in gen.WORKFLOWS.items():
+        assert build() == load(name), f"{name}.json differs from tools/make_workflows.py: run it"
+
+
+@pytest.mark.parametrize("path", WORKFLOWS, ids=lambda p: p.stem)
 def test_workflow_converts_to_api_prompt(path):
-    prompt = ui_to_api(load(path), OBJECT_INFO)
-    assert prompt
+    wf = load(path)
+    prompt = ui_to_api(wf, OBJECT_INFO)
+    assert set(prompt) == {str(n["id"]) for n in wf["nodes"] if n["type"] not in FRONTEND_ONLY}
     for node_id, node in prompt.items():
         info = OBJECT_INFO[node["class_type"]]
         for name, spec, required in inputs_in_order(info):
@@ -39,41 +85,192 @@ def test_workflow_converts_to_api_prompt(path):
             if name in node["inputs"] and not is_widget(spec):
                 src, slot = node["inputs"][name]
                 assert OBJECT_INFO[prompt[src]["class_type"]]["output"][slot] == spec[0]
+        assert set(node["inputs"]) <= {n for n, _, _ in inputs_in_order(info)}
 
 
-def test_edit_workflow_uses_the_whole_method():
-    types = [n["type"] for n in load(REPO / "example_workflows" / "psedit_edit_sd15.json")["nodes"]]
-    for t in ("PSEditDDIMInvert", "PSEditNullTextInversion", "PSEditTripleGuider", "PSEditPerceptualGuidance",
-              "PSEditStepWindow", "SamplerCustomAdvanced", "DisableNoise"):
-        assert t in types
-    ablation = [n["type"] for n in load(REPO / "example_workflows" / "psedit_ablation_sd15.json")["nodes"]]
-    assert ablation.count("SamplerCustomAdvanced") == 3 and ablation.count("PSEditTripleGuider") == 3
-    masked = [n["type"] for n in load(REPO / "example_workflows" / "psedit_masked_edit_sd15.json")["nodes"]]
-    assert "PSEditEditMask" in masked and "PreviewImage" in masked
+def test_edit_workflow_settings():
+    wf = load("psedit_edit_sd15")
+    assert widgets(node_of(wf, "BasicScheduler")) == {"scheduler": "normal", "steps": 50, "denoise": 1.0}
+    assert widgets(node_of(wf, "PSEditDDIMInvert")) == {"cfg": 1.0, "refine": 2}
+    assert widgets(node_of(wf, "PSEditNullTextInversion")) == {
+        "guidance": 7.5, "method": "null-text", "inner_iterations": 10, "early_stop": 1e-5, "learning_rate": 0.01,
+        "early_stop_rule": "mokady"}
+    texts = sorted(widgets(n)["text"] for n in nodes_of(wf, "CLIPTextEncode"))
+    assert texts == ["", "a cat sitting on a sofa", "a tiger sitting on a sofa"]
+    guider = node_of(wf, "PSEditTripleGuider")
+    assert widgets(guider) == {"gamma": 7.5, "beta": 3.0}
+    assert widgets(source_of(wf, guider, "window")) == {"start": 0.0, "end": 0.4}
+    assert source_of(wf, guider, "null_schedule")["type"] == "PSEditNullTextInversion"
+    perceptual = node_of(wf, "PSEditPerceptualGuidance")
+    assert source_of(wf, perceptual, "guider") is guider
+    assert widgets(source_of(wf, perceptual, "window")) == {"start": 0.2, "end": 0.8}
+    w = widgets(perceptual)
+    assert (w["lpips_net"], w["gradient"], w["decoder"], w["step"]) == ("vgg", "x0", "taesd", "normalized")
+    assert 0 < w["strength"] <= 0.3
+    run = node_of(wf, "SamplerCustomAdvanced")
+    assert source_of(wf, run, "noise")["type"] == "DisableNoise"
+    assert widgets(source_of(wf, run, "sampler")) == {"sampler_name": "euler"}
+    assert source_of(wf, run, "latent_image")["type"] == "PSEditDDIMInvert"
+    assert source_of(wf, run, "sigmas") is source_of(wf, node_of(wf, "PSEditDDIMInvert"), "sigmas")
+    assert source_of(wf, run, "guider") is perceptual
 
+
+def test_ablation_is_figure_3():
+    wf = load("psedit_ablation_sd15")
+    assert len(nodes_of(wf, "PSEditDDIMInvert")) == 1 and len(nodes_of(wf, "PSEditNullTextInversion")) == 1
+    saves = {widgets(n)["filename_prefix"]: n for n in nodes_of(wf, "SaveImage")}
+    assert {"psedit_nulltext", "psedit_textopt", "psedit_perceptual"} <= set(saves)
+
+    def guider_of(prefix):
+        decode = source_of(wf, saves[prefix], "images")
+        return source_of(wf, source_of(wf, decode, "samples"), "guider")
+
+    nulltext, textopt, perceptual = (guider_of(p) for p in ("psedit_nulltext", "psedit_textopt", "psedit_perceptual"))
+    assert nulltext["type"] == textopt["type"] == "PSEditTripleGuider"
+    w = widgets(nulltext)
+    assert w["beta"] == w["gamma"] == 7.5
+    assert next(i for i in nulltext["inputs"] if i["name"] == "window")["link"] is None
+    assert source_of(wf, nulltext, "null_schedule")["type"] == "PSEditNullTextInversion"
+    assert widgets(textopt) == {"gamma": 7.5, "beta": 3.0}
+    assert widgets(source_of(wf, textopt, "window")) == {"start": 0.0, "end": 0.4}
+    assert perceptual["type"] == "PSEditPerceptualGuidance" and source_of(wf, perceptual, "guider") is textopt
+    assert widgets(source_of(wf, perceptual, "window")) == {"start": 0.2, "end": 0.8}
+    # The three results side by side, left to right in the paper's order.
+    xs = [saves[p]["pos"] for p in ("psedit_nulltext", "psedit_textopt", "psedit_perceptual")]
+    assert xs[0][1] == xs[1][1] == xs[2][1] and xs[0][0] < xs[1][0] < xs[2][0]
+    if "ImageBatch" in OBJECT_INFO:
+        grid = source_of(wf, saves["psedit_ablation"], "images")
+        chain = []
+        while grid["type"] == "ImageBatch":
+            chain.append(source_of(wf, grid, "image2"))
+            grid = source_of(wf, grid, "image1")
+        assert grid["type"] == "LoadImage" and len(chain) == 3
+
+
+def test_sdxl_workflow_says_what_it_needs():
+    wf = load("psedit_edit_sdxl")
+    notes = " ".join(n["widgets_values"][0] for n in nodes_of(wf, "Note"))
+    assert "SDXL checkpoint" in notes and "1024" in notes and "taesdxl_decoder" in notes and "vae_approx" in notes
+    assert {n["type"] for n in wf["nodes"]} == {n["type"] for n in load("psedit_edit_sd15")["nodes"]}
+
+
+@pytest.mark.parametrize("path", WORKFLOWS, ids=lambda p: p.stem)
+def test_notes_name_what_to_set(path):
+    notes = " ".join(n["widgets_values"][0] for n in nodes_of(load(path), "Note")).lower()
+    for word in ("checkpoint", "photo", "source caption", "edit caption", "beta", "strength", "window"):
+        assert word in notes, word
+
+
+def test_masked_workflow_uses_the_mask():
+    wf = load("psedit_masked_edit_sd15")
+    mask = node_of(wf, "PSEditEditMask")
+    assert source_of(wf, node_of(wf, "PSEditPerceptualGuidance"), "mask") is mask
+    assert "PreviewImage" in {n["type"] for n in wf["nodes"]}
+
+
+# --- the validator and converter catch broken workflows ---------------------------------------------------------------
 
 @pytest.fixture
 def good():
-    return load(REPO / "example_workflows" / "psedit_edit_sd15.json")
+    return load("psedit_edit_sd15")
 
 
-def node_of(wf, type_):
-    return next(n for n in wf["nodes"] if n["type"] == type_)
+def first_link_into(wf, type_):
+    node = node_of(wf, type_)
+    return next(link for link in wf["links"] if link[3] == node["id"])
 
 
 @pytest.mark.parametrize("breakage,message", [
+    (lambda wf: wf.__setitem__("version", 1), "expected 0.4"),
     (lambda wf: node_of(wf, "PSEditTripleGuider")["widgets_values"].pop(), "widget values for"),
     (lambda wf: node_of(wf, "PSEditTripleGuider")["widgets_values"].__setitem__(0, 99.0), "outside"),
+    (lambda wf: node_of(wf, "BasicScheduler")["widgets_values"].__setitem__(1, 2.5), "is not a INT"),
     (lambda wf: node_of(wf, "PSEditPerceptualGuidance")["widgets_values"].__setitem__(1, "resnet"), "not one of"),
+    (lambda wf: node_of(wf, "PSEditNullTextInversion")["widgets_values"].__setitem__(1, 3), "not a string"),
+    (lambda wf: node_of(wf, "PSEditStepWindow")["widgets_values"].__setitem__(0, "0"), "is not a FLOAT"),
     (lambda wf: node_of(wf, "PSEditDDIMInvert").__setitem__("type", "PSEditDDIMInvertX"), "unknown node type"),
-    (lambda wf: wf["links"][0].__setitem__(5, "IMAGE"), "says IMAGE"),
+    (lambda wf: first_link_into(wf, "PSEditDDIMInvert").__setitem__(5, "CLIP"), "says CLIP"),
+    (lambda wf: first_link_into(wf, "VAEDecode").__setitem__(2, 1), None),  # any message: several break
     (lambda wf: node_of(wf, "SamplerCustomAdvanced")["inputs"][1].__setitem__("link", None), "not connected"),
+    (lambda wf: wf["links"].append(list(wf["links"][0])), "used twice"),
+    (lambda wf: node_of(wf, "VAEEncode")["outputs"][0]["links"].append(999), "does not start there"),
+    (lambda wf: wf.__setitem__("last_link_id", 1), "last_link_id"),
+    (lambda wf: node_of(wf, "Note").pop("flags"), "field 'flags'"),
+    (lambda wf: node_of(wf, "VAEDecode").__setitem__("pos", [0]), "field 'pos'"),
+    (lambda wf: node_of(wf, "PSEditTripleGuider")["inputs"][0].__setitem__("type", "CLIP"), "schema says MODEL"),
     (lambda wf: wf.__setitem__("nodes", [n for n in wf["nodes"] if n["type"] != "SaveImage"]), "no output node"),
     (lambda wf: wf.__setitem__("nodes", [n for n in wf["nodes"] if n["type"] != "Note"]), "no Note"),
-    (lambda wf: node_of(wf, "PSEditStepWindow")["widgets_values"].__setitem__(0, "0"), "is not a FLOAT"),
 ])
 def test_validator_catches_broken_workflows(good, breakage, message):
     broken = copy.deepcopy(good)
     breakage(broken)
     errors = validate(broken, OBJECT_INFO)
-    assert any(message in e for e in errors), errors
+    assert errors, "the validator accepted a broken workflow"
+    if message is not None:
+        assert any(message in e for e in errors), errors
+
+
+def test_wrong_link_type_into_input(good):
+    broken = copy.deepcopy(good)
+    link = first_link_into(broken, "PSEditPerceptualGuidance")  # guider: GUIDER
+    src = next(n for n in broken["nodes"] if n["type"] == "VAEEncode")
+    # Re-route the guider input from VAEEncode's LATENT, recording the true type.
+    old = next(n for n in broken["nodes"] if n["id"] == link[1])
+    old["outputs"][link[2]]["links"].remove(link[0])
+    src["outputs"][0]["links"].append(link[0])
+    link[1:3], link[5] = [src["id"], 0], "LATENT"
+    assert any("LATENT into PSEditPerceptualGuidance.guider" in e for e in validate(broken, OBJECT_INFO))
+
+
+def test_overlap_detection(good):
+    broken = copy.deepcopy(good)
+    a, b = node_of(broken, "VAEEncode"), node_of(broken, "VAEDecode")
+    b["pos"] = [a["pos"][0] + 10, a["pos"][1] + 10]
+    assert any("VAEDecode" in o for o in overlaps(broken))
+
+
+SEEDED = {  # a KSampler-like schema: the frontend puts a control value after a seed
+    "Seeded": {"input": {"required": {"seed": ["INT", {"default": 0, "min": 0, "max": 2**64 - 1}],
+                                      "steps": ["INT", {"default": 20, "min": 1, "max": 100,
+                                                        "control_after_generate": True}],
+                                      "cfg": ["FLOAT", {"default": 8.0, "min": 0.0, "max": 100.0}]}},
+               "input_order": {"required": ["seed", "steps", "cfg"]}, "output": [], "output_name": [],
+               "output_node": True},
+}
+
+
+def seeded_workflow(values):
+    return {"version": 0.4, "last_node_id": 2, "last_link_id": 0, "links": [], "nodes": [
+        {"id": 1, "type": "Seeded", "pos": [0, 0], "size": [300, 200], "flags": {}, "order": 0, "mode": 0,
+         "inputs": [], "outputs": [], "properties": {"Node name for S&R": "Seeded"}, "widgets_values": values},
+        {"id": 2, "type": "Note", "pos": [400, 0], "size": [300, 200], "flags": {}, "order": 1, "mode": 0,
+         "properties": {}, "widgets_values": ["set the seed"]}]}
+
+
+def test_control_after_generate_slots():
+    assert [n for n, _ in widget_slots(SEEDED["Seeded"])] == ["seed", CONTROL, "steps", CONTROL, "cfg"]
+    ok = seeded_workflow([42, "randomize", 20, "fixed", 7.0])
+    assert validate(ok, SEEDED) == []
+    assert ui_to_api(ok, SEEDED) == {"1": {"class_type": "Seeded", "inputs": {"seed": 42, "steps": 20, "cfg": 7.0}}}
+    assert any("widget values for" in e for e in validate(seeded_workflow([42, 20, 7.0]), SEEDED))
+    assert any("control_after_generate" in e for e in validate(seeded_workflow([42, "sometimes", 20, "fixed", 7.0]),
+                                                               SEEDED))
+
+
+def test_ui_to_api_follows_reroutes_and_skips_muted(good):
+    wf = copy.deepcopy(good)
+    decode = node_of(wf, "VAEDecode")
+    link = first_link_into(wf, "VAEDecode")  # samples <- SamplerCustomAdvanced
+    reroute = {"id": 100, "type": "Reroute", "pos": [0, 900], "size": [75, 26], "mode": 0,
+               "inputs": [{"name": "", "type": "*", "link": link[0]}],
+               "outputs": [{"name": "", "type": link[5], "links": [101]}], "properties": {}}
+    target = link[3:5]
+    link[3:5] = [100, 0]
+    wf["links"].append([101, 100, 0, *target, link[5]])
+    next(i for i in decode["inputs"] if i["link"] == link[0])["link"] = 101
+    wf["nodes"].append(reroute)
+    prompt = ui_to_api(wf, OBJECT_INFO)
+    assert "100" not in prompt
+    assert prompt[str(decode["id"])]["inputs"]["samples"] == [str(link[1]), link[2]]
+    node_of(wf, "SaveImage")["mode"] = 2
+    assert str(node_of(wf, "SaveImage")["id"]) not in ui_to_api(wf, OBJECT_INFO)
