@@ -10,7 +10,7 @@ import comfy.samplers
 import torch
 from comfy_api.latest import io
 
-from ..psedit_core.nulltext import negative_prompt_inversion, null_text_inversion
+from ..psedit_core.nulltext import EARLY_STOP_RULES, negative_prompt_inversion, null_text_inversion
 from ..psedit_core.schedule import step_index
 from . import _comfy
 from .inversion import InversionType
@@ -67,7 +67,7 @@ def _with_crossattn(entries: list[dict], embedding: torch.Tensor) -> list[dict]:
     return out
 
 
-def run_null_text(model, payload, null, source, guidance, inner_steps, early_stop, lr):
+def run_null_text(model, payload, null, source, guidance, inner_steps, early_stop, lr, early_stop_rule="mokady"):
     """Optimise the null embeddings inside ComfyUI's sampling set-up (model loaded, conds prepared)."""
     inversion = payload.inversion
     progress = _comfy.Progress(inversion.steps)
@@ -85,7 +85,8 @@ def run_null_text(model, payload, null, source, guidance, inner_steps, early_sto
         latents = [t.to(x.device) for t in inversion.latents]
         store["result"] = null_text_inversion(
             denoiser, latents, sigmas, src_marker, null[0][0].to(x.device), guidance,
-            inner_steps=inner_steps, early_stop=early_stop, lr=lr, callback=progress,
+            inner_steps=inner_steps, early_stop=early_stop, lr=lr, early_stop_rule=early_stop_rule,
+            callback=progress,
         )
         return x
 
@@ -119,9 +120,15 @@ class NullTextInversion(io.ComfyNode):
                 io.Int.Input("inner_iterations", default=10, min=0, max=100,
                              tooltip="Adam iterations per step at most (null-text only)."),
                 io.Float.Input("early_stop", default=1e-5, min=0.0, max=1.0, step=1e-6, round=1e-7,
-                               tooltip="A step stops optimising once its latent error falls below this."),
+                               tooltip="A step stops optimising once its error (mean squared, in the unit-variance "
+                               "latent, as in Mokady et al.) falls below this, for every image of the batch."),
                 io.Float.Input("learning_rate", default=0.01, min=1e-5, max=1.0, step=0.001, round=1e-5,
-                               tooltip="Adam learning rate (decays by 1% per step, as in the reference code)."),
+                               tooltip="Adam learning rate; decays linearly to half of it over the steps (the "
+                               "reference code's schedule at 50 steps, valid for any step count)."),
+                io.Combo.Input("early_stop_rule", options=list(EARLY_STOP_RULES), default=EARLY_STOP_RULES[0],
+                               optional=True,
+                               tooltip="mokady: the threshold grows by 2e-5 per step, as in the reference code "
+                               "(fewer iterations on late steps). constant: early_stop on every step."),
             ],
             outputs=[NullScheduleType.Output(
                 "null_schedule", display_name="null_schedule", tooltip="Connect to PSEdit Triple Guider.")],
@@ -129,7 +136,7 @@ class NullTextInversion(io.ComfyNode):
 
     @classmethod
     def execute(cls, model, inversion, null, source, guidance, method, inner_iterations, early_stop,
-                learning_rate) -> io.NodeOutput:
+                learning_rate, early_stop_rule="mokady") -> io.NodeOutput:
         _comfy.check_conditioning(model, null, "null")
         _comfy.check_conditioning(model, source, "source")
         if inversion.family != _comfy.model_family(model):
@@ -146,10 +153,12 @@ class NullTextInversion(io.ComfyNode):
             return io.NodeOutput(NullSchedule(conds, sigmas, float(guidance), method))
         if len(null) != 1:
             raise ValueError("null-text inversion needs a single null conditioning: do not combine or concat it")
+        if early_stop_rule not in EARLY_STOP_RULES:
+            raise ValueError(f"early_stop_rule must be one of {EARLY_STOP_RULES}, got {early_stop_rule!r}")
         result = run_null_text(model, inversion, null, source, float(guidance), int(inner_iterations),
-                               float(early_stop), float(learning_rate))
+                               float(early_stop), float(learning_rate), early_stop_rule)
         extra = null[0][1]
         conds = tuple([[phi.detach().cpu(), dict(extra)]] for phi in result.nulls)
-        log.info("null-text inversion: mean step loss %.3g, %d Adam iterations",
+        log.info("null-text inversion: mean step loss %.3g (unit-variance latent), %d Adam iterations",
                  sum(result.losses) / len(result.losses), sum(result.iterations))
         return io.NodeOutput(NullSchedule(conds, sigmas, float(guidance), method, result.losses))

@@ -16,8 +16,22 @@ null embedding per step so the guided step from the current latent lands on the 
     step(x; phi)   = x + (s_{i+1} - s_i) * (x - D_w(x, s_i; phi)) / s_i                                (DDIM / Euler)
     phi_i          = argmin_phi || step(zbar_i; phi) - z*_{i+1} ||^2,  zbar_0 = z*_T,  zbar_{i+1} = step(zbar_i; phi_i)
 
-solved with Adam (``inner_steps`` iterations, learning rate ``lr * (1 - i / 100)`` as in the reference code,
-stopping early once the loss falls below ``early_stop``), each step warm-started from the previous ``phi``.
+solved with Adam (``inner_steps`` iterations), each step warm-started from the previous ``phi``. Precision and scale
+(what keeps it working in fp16/bf16 and at 512-1024 px):
+
+- the loss is measured where Mokady et al. measured it, in the unit-variance DDIM latent
+  ``z = x / sqrt(1 + s^2)``: ``L_i = mean (step(zbar_i) - z*_{i+1})^2 / (1 + s_{i+1}^2)``;
+- the gradient is taken of the *sum* of squared errors (``L_i`` times the element count, loss in fp32), so the
+  per-element gradient does not shrink with the image size: a mean over a 512-px latent's 16k elements
+  underflows in an fp16 backward and falls below Adam's eps (1e-8) even in fp32; where a half-precision
+  backward overflows instead, the update is skipped and the loss scale lowered 16x (dynamic loss scaling, as
+  AMP does); Adam's step does not depend on the gradient's scale otherwise;
+- each image of a batch gets its own embedding (the embeddings are independent, so each is optimised exactly
+  as if inverted alone); a step stops once every image's ``L_i`` is under the early-stop threshold;
+- the learning rate decays linearly from ``lr`` to ``lr / 2`` over the steps, for any step count (the
+  reference code's ``lr (1 - i / 100)`` at its 50 steps; at more than 100 steps that formula turns negative);
+- early-stop rules: ``"mokady"``, the reference code's ``early_stop + 2e-5 i`` (looser on later steps), or
+  ``"constant"``, ``early_stop`` on every step.
 
 Negative-prompt inversion skips the optimisation and sets ``phi_i = C``: then ``D_w = D(x, s, C)`` for every w,
 the very denoiser the inversion used, so the round trip is as exact as the inversion itself.
@@ -33,14 +47,17 @@ import torch
 from .guidance import cfg
 from .inversion import to_eps
 
-__all__ = ["NullTextResult", "guided_step", "negative_prompt_inversion", "null_text_inversion"]
+__all__ = ["EARLY_STOP_RULES", "NullTextResult", "guided_step", "negative_prompt_inversion", "null_text_inversion"]
+
+EARLY_STOP_RULES = ("mokady", "constant")
 
 
 @dataclass(frozen=True)
 class NullTextResult:
     """Per-step null embeddings (``nulls[i]`` for the step from ``sigmas[i]``) and what the optimisation reached.
 
-    ``losses[i]`` is the final per-step loss, ``iterations[i]`` the Adam iterations used, ``final`` the latent the
+    ``losses[i]`` is the final per-step loss ``L_i`` (the largest in the batch), ``iterations[i]`` the Adam
+    iterations used, ``final`` the latent the
     guided sampler reaches with these embeddings (compare with ``latents[-1]``).
     """
 
@@ -68,6 +85,7 @@ def null_text_inversion(
     inner_steps: int = 10,
     early_stop: float = 1e-5,
     lr: float = 1e-2,
+    early_stop_rule: str = "mokady",
     callback: Callable[[dict], None] | None = None,
 ) -> NullTextResult:
     """Optimise one null embedding per step (module docstring).
@@ -78,11 +96,14 @@ def null_text_inversion(
         sigmas: its schedule (sampling order).
         source, null: the source and initial null embeddings (never modified).
         guidance: the CFG scale ``w`` the edit will be sampled with.
-        inner_steps: Adam iterations per step at most; ``early_stop``: loss below which a step stops.
+        inner_steps: Adam iterations per step at most; ``early_stop``: loss (``L_i``, scaled space) below which a
+            step stops, by ``early_stop_rule`` (module docstring).
         callback: called after each step with ``{"i", "loss", "iterations", "x"}``; may raise to cancel.
     """
     if inner_steps < 0:
         raise ValueError(f"inner_steps must be >= 0, got {inner_steps}")
+    if early_stop_rule not in EARLY_STOP_RULES:
+        raise ValueError(f"early_stop_rule must be one of {EARLY_STOP_RULES}, got {early_stop_rule!r}")
     n = sigmas.numel() - 1
     if len(latents) != n + 1:
         raise ValueError(
@@ -91,31 +112,47 @@ def null_text_inversion(
     nulls, losses, iterations = [], [], []
     with torch.inference_mode(False), torch.enable_grad():
         x = latents[0].detach().clone()
+        batch = x.shape[0]
         sigmas = sigmas.detach().clone()  # an inference tensor cannot be saved for backward
         src = source  # passed through as given: hosts may recognise it by identity; never modified
         phi = null.detach().clone()
+        if phi.shape[0] == 1 and batch > 1:
+            phi = phi.expand(batch, *phi.shape[1:]).clone()  # one embedding per image
         for i in range(n):
             s, s_next = sigmas[i].to(x), sigmas[i + 1].to(x)
-            target = latents[i + 1].detach().clone()
+            target = latents[i + 1].detach().clone().float()
+            scale = 1.0 / (1.0 + float(s_next) ** 2)  # k-diffusion latent -> unit-variance DDIM latent, squared
+            threshold = early_stop + (2e-5 * i if early_stop_rule == "mokady" else 0.0)
             with torch.no_grad():
-                d_src = denoiser(x, s * x.new_ones([x.shape[0]]), cond=src)
+                d_src = denoiser(x, s * x.new_ones([batch]), cond=src)
             phi = phi.detach().clone().requires_grad_(True)
-            opt = torch.optim.Adam([phi], lr=lr * (1.0 - i / 100.0))
+            elements = float(x[0].numel())
+            loss_scale = elements  # d/dphi of the per-image sum of squares; lowered if a backward overflows
+            opt = torch.optim.Adam([phi], lr=lr * (1.0 - 0.5 * i / n))
             loss_value, used = float("inf"), 0
             for used in range(1, inner_steps + 1):  # noqa: B007 (used after the loop)
-                x_next = guided_step(denoiser, x, s, s_next, phi, d_src, guidance)
-                loss = torch.nn.functional.mse_loss(x_next, target)
+                x_next = guided_step(denoiser, x, s, s_next, phi, d_src, guidance).float()
+                per_image = ((x_next - target).pow(2) * scale).flatten(1).mean(1)
                 opt.zero_grad(set_to_none=True)
-                loss.backward()
+                (per_image.sum() * loss_scale).backward()
+                loss_value = float(per_image.detach().max())
+                if not torch.isfinite(phi.grad).all():  # a half-precision backward overflowed: as AMP does,
+                    loss_scale /= 16.0  # skip this update and scale down
+                    if loss_scale < 1e-3:
+                        raise FloatingPointError(
+                            f"null-text inversion: non-finite gradient at step {i} at any loss scale: run the "
+                            "model in fp32 or bf16, or use method 'negative-prompt'"
+                        )
+                    continue
+                phi.grad.mul_(elements / loss_scale)  # the gradient of the sum of squared errors
                 opt.step()
-                loss_value = float(loss.detach())
-                if loss_value < early_stop:
+                if loss_value < threshold:
                     break
             phi = phi.detach()
             with torch.no_grad():
                 x = guided_step(denoiser, x, s, s_next, phi, d_src, guidance)
                 if inner_steps == 0:
-                    loss_value = float(torch.nn.functional.mse_loss(x, target))
+                    loss_value = float(((x.float() - target).pow(2) * scale).flatten(1).mean(1).max())
             if not torch.isfinite(x).all():
                 raise FloatingPointError(
                     f"null-text inversion diverged at step {i}: lower the learning rate or the inner iterations"

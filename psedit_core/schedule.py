@@ -52,6 +52,23 @@ def _as_float(sigma: torch.Tensor | float) -> float:
     return float(sigma)
 
 
+_VALUES: dict[tuple, tuple[float, ...]] = {}
+
+
+def schedule_values(sigmas: torch.Tensor) -> tuple[float, ...]:
+    """The schedule as Python floats, read from the device once per schedule tensor rather than on every model
+    call (each read of a GPU tensor into Python waits for the GPU). CPU schedules are read directly."""
+    flat = sigmas.reshape(-1)
+    if flat.device.type == "cpu":
+        return tuple(flat.tolist())
+    key = (flat.data_ptr(), flat.numel(), str(flat.device), flat.dtype)
+    if key not in _VALUES:
+        if len(_VALUES) > 16:
+            _VALUES.clear()
+        _VALUES[key] = tuple(flat.tolist())  # one transfer for the whole schedule
+    return _VALUES[key]
+
+
 def step_index(sigmas: torch.Tensor, sigma: torch.Tensor | float, *, rtol: float = 1e-4) -> int:
     """Index of the step of ``sigmas`` that a model evaluation at ``sigma`` belongs to.
 
@@ -60,7 +77,7 @@ def step_index(sigmas: torch.Tensor, sigma: torch.Tensor | float, *, rtol: float
     between two entries (a multi-stage sampler such as Heun or DPM++ 2S) maps to the step whose interval holds it.
     Sigmas outside the schedule clamp to the first or last step. The result lies in ``[0, len(sigmas) - 2]``.
     """
-    values = [float(s) for s in sigmas.reshape(-1)]
+    values = schedule_values(sigmas)
     if len(values) < 2:
         raise ValueError(f"a schedule needs at least 2 sigmas (1 step), got {len(values)}")
     s = _as_float(sigma)

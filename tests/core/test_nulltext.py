@@ -116,3 +116,86 @@ def test_rejects_mismatched_trajectory(scene):
     inv = ddim_invert(lambda x, s: model.denoiser(x, s, cond=source), x0, karras(10))
     with pytest.raises(ValueError, match="invert with these sigmas"):
         null_text_inversion(model.denoiser, inv.latents, karras(12), source, null, W)
+
+
+def test_more_than_100_steps_complete_and_every_step_updates(scene):
+    """The learning rate decays to lr/2 over any step count (the old lr (1 - i/100) was 0 at step 101 and
+    negative from 102, where Adam raised)."""
+    model, source, null, x0 = scene
+    sigmas = karras(150)
+    inv = ddim_invert(lambda x, s: model.denoiser(x, s, cond=source), x0, sigmas)
+    result = null_text_inversion(model.denoiser, inv.latents, sigmas, source, null, W, inner_steps=1,
+                                 early_stop=0.0, lr=0.01)
+    assert len(result.nulls) == 150
+    moved = [(b - a).abs().max().item() for a, b in zip((null, *result.nulls[:-1]), result.nulls, strict=True)]
+    assert min(moved) > 1e-4, min(moved)  # measured: every step moves by about lr (Adam's first step), 5e-3 - 1e-2
+
+
+def test_batch_members_get_their_own_embeddings(scene):
+    model, source, null, _ = scene
+    g = torch.Generator().manual_seed(5)
+    x0 = model.mean(source) + 0.7 * torch.randn(2, 4, 8, 8, generator=g)
+    sigmas = karras(10)
+    kw = dict(inner_steps=20, early_stop=0.0, lr=0.05)
+
+    def run(x):
+        inv = ddim_invert(lambda x_, s: model.denoiser(x_, s, cond=source.expand(x_.shape[0], -1)), x, sigmas)
+        return null_text_inversion(model.denoiser, inv.latents, sigmas, source.expand(x.shape[0], -1), null, W, **kw)
+
+    both, alone = run(x0), [run(x0[i:i + 1]) for i in range(2)]
+    assert all(t.shape == (2, null.shape[1]) for t in both.nulls)
+    # Each image's embeddings and result are those of its own inversion (up to float noise that 200 Adam steps
+    # amplify: measured 8e-4 at most), and the two images' embeddings differ (by about 1).
+    assert (both.nulls[-1][0] - both.nulls[-1][1]).abs().max() > 0.1
+    for i in range(2):
+        assert torch.allclose(both.nulls[-1][i], alone[i].nulls[-1][0], atol=5e-3)
+        assert mse(both.final[i], alone[i].final[0]) < 1e-3 * mse(both.final[i], x0[i])
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_gradients_at_512px_size(dtype):
+    """A denoiser computed in half precision on a 512-px-sized latent (4 x 64 x 64): every step's embedding
+    updates and the result reconstructs much better than no optimisation (a mean-reduced fp16 backward
+    underflowed here: per-element gradients of about 1e-9)."""
+    g = torch.Generator().manual_seed(3)
+    k, shape = 8, (1, 4, 64, 64)
+    basis = (torch.randn(k, *shape[1:], generator=g) / k**0.5).to(dtype)
+
+    def denoiser(x, sigma, cond=None):
+        s2 = sigma.reshape(-1, 1, 1, 1).to(dtype) ** 2
+        mean = torch.einsum("bk,kchw->bchw", cond.to(dtype), basis)
+        xh = x.to(dtype)
+        return (mean + (xh - mean) * 0.49 / (0.49 + s2)).float()  # a Gaussian's denoiser, in half precision
+
+    source, null = torch.randn(1, k, generator=g), torch.randn(1, k, generator=g)
+    x0 = denoiser(torch.randn(shape, generator=g) * 0.7, torch.zeros(1), cond=source)
+    sigmas = karras(10)
+    inv = ddim_invert(lambda x, s: denoiser(x, s, cond=source), x0, sigmas)
+    kw = dict(inner_steps=10, early_stop=0.0, lr=0.05)
+    untouched = null_text_inversion(denoiser, inv.latents, sigmas, source, null, W, inner_steps=0)
+    result = null_text_inversion(denoiser, inv.latents, sigmas, source, null, W, **kw)
+    moved = [(b - a).abs().max().item() for a, b in zip((null, *result.nulls[:-1]), result.nulls, strict=True)]
+    assert min(moved) > 1e-3, moved
+    errors = (mse(untouched.final, x0), mse(result.final, x0))
+    assert errors[1] < errors[0] / 1.5, errors
+    dtype_kept = dtype
+    dtype = torch.float32  # the same model and optimisation in fp32: half precision must reach the same error
+    basis = basis.float()
+    reference = null_text_inversion(denoiser, inv.latents, sigmas, source, null, W, **kw)
+    assert errors[1] < 1.2 * mse(reference.final, x0), (dtype_kept, errors, mse(reference.final, x0))
+
+
+def test_early_stop_is_measured_in_the_scaled_latent(scene):
+    """Losses are in the unit-variance DDIM latent: the first step's error, at sigma_1 ~ 10, is about
+    (1 + sigma_1^2) ~ 100x smaller than in the k-diffusion latent."""
+    model, source, null, x0 = scene
+    sigmas = karras(10)
+    inv = ddim_invert(lambda x, s: model.denoiser(x, s, cond=source), x0, sigmas)
+    untouched = null_text_inversion(model.denoiser, inv.latents, sigmas, source, null, W, inner_steps=0)
+    x = inv.latents[0]
+    s = sigmas[0].reshape(1)
+    d = cfg(model.denoiser(x, s, cond=null), model.denoiser(x, s, cond=source), W)
+    raw = mse(x + (sigmas[1] - sigmas[0]) * to_eps(x, s, d), inv.latents[1])
+    assert untouched.losses[0] == pytest.approx(raw / (1 + sigmas[1].item() ** 2), rel=1e-4)
+    with pytest.raises(ValueError, match="early_stop_rule"):
+        null_text_inversion(model.denoiser, inv.latents, sigmas, source, null, W, early_stop_rule="never")

@@ -58,7 +58,13 @@ def load_pack():
 
 
 def init_random(module: torch.nn.Module, seed: int, std: float) -> None:
-    """Deterministic random weights (ComfyUI's layers start uninitialised): N(0, std^2), norms at identity."""
+    """Deterministic random weights (ComfyUI's layers start uninitialised): N(0, std^2); norms whose parameter name
+    contains "norm" at identity.
+
+    The UNet's ResBlock GroupNorms (``in_layers.0``, ``out_layers.0``) and the final ``out.0`` do not match and keep
+    small random gains. That is load-bearing: with every GroupNorm at identity the random UNet is far less smooth
+    and DDIM inversion of it no longer reconstructs (tests/host/test_nodes.py fails at std 0.04 and at 0.02).
+    """
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, p in module.named_parameters():
@@ -84,10 +90,14 @@ def _unet_config(family: str) -> dict:
     return cfg
 
 
-def build_tiny(family: str = "sd15", prediction: str = "eps", seed: int = 0, size: str = "tiny", std: float = 0.04):
+def build_tiny(family: str = "sd15", prediction: str = "eps", seed: int = 0, size: str = "tiny", std: float = 0.04,
+               dtype: torch.dtype = torch.float32, manual_cast: torch.dtype | None = None):
     """A ModelPatcher around an SD1.5- or SDXL-architecture UNet with deterministic random weights.
 
-    ``size="full"`` builds the full SD1.5 UNet (860 M parameters) for benchmarks.
+    ``size="full"`` builds the full SD1.5 UNet (860 M parameters) for benchmarks. ``dtype`` is the weights'
+    storage dtype and ``manual_cast`` the compute dtype when it differs (ComfyUI's manual cast: fp16 weights
+    computed in fp32, or, with ``manual_cast=None``, half-precision kernels as on a GPU). The weights are drawn in
+    fp32 and then cast, so every dtype holds the same model.
     """
     import_comfy()
     import comfy.model_base
@@ -107,11 +117,18 @@ def build_tiny(family: str = "sd15", prediction: str = "eps", seed: int = 0, siz
         unet = _unet_config(family)
     config_cls = comfy.supported_models.SDXL if family == "sdxl" else comfy.supported_models.SD15
     model_config = config_cls(unet)
-    model_config.set_inference_dtype(torch.float32, None)
+    model_config.set_inference_dtype(dtype, manual_cast)
     model_type = comfy.model_base.ModelType.V_PREDICTION if prediction == "v" else comfy.model_base.ModelType.EPS
     model_cls = comfy.model_base.SDXL if family == "sdxl" else comfy.model_base.BaseModel
     model = model_cls(model_config, model_type=model_type)
-    init_random(model, seed, std)
+    if dtype == torch.float32:
+        init_random(model, seed, std)
+    else:
+        reference = model_cls(model_config, model_type=model_type).float()
+        init_random(reference, seed, std)
+        with torch.no_grad():
+            for p, q in zip(model.parameters(), reference.parameters(), strict=True):
+                p.copy_(q.to(p.dtype))
     device = torch.device("cpu")
     return comfy.model_patcher.ModelPatcher(model, load_device=device, offload_device=device)
 
