@@ -237,9 +237,10 @@ class PerceptualGuidanceNode(io.ComfyNode):
                 io.Vae.Input("vae", tooltip="The checkpoint's VAE (used when decoder is 'vae')."),
                 io.Image.Input("image", tooltip="The source photo, the same image you VAE-encoded (same size)."),
                 io.Float.Input("strength", default=0.1, min=0.0, max=10.0, step=0.01, round=0.001,
-                               tooltip="Step size. With step 'normalized' it is the RMS latent change per step "
-                               "(0.05-0.15 is typical; too large overshoots); with 'plain' it multiplies the raw "
-                               "LPIPS gradient."),
+                               tooltip="Step size. With step 'normalized' it is the RMS of the correction: on the "
+                               "x0 prediction (target x0: 1 = a unit-RMS change of the predicted clean latent; "
+                               "0.05-0.15 typical, too large overshoots) or on the predicted noise (target noise). "
+                               "'plain' scales the LPIPS gradient summed over the latent (size-independent)."),
                 io.Combo.Input("lpips_net", options=list(LPIPS_NETS), default="vgg",
                                tooltip="LPIPS trunk: vgg is the recommended loss, alex the recommended metric, "
                                "squeeze the lightest. Weights are looked up in models/lpips first."),
@@ -250,13 +251,21 @@ class PerceptualGuidanceNode(io.ComfyNode):
                                tooltip="Decoder for the guidance: the checkpoint's VAE (exact, slow backward) or "
                                "TAESD from models/vae_approx (about 15x cheaper)."),
                 io.Combo.Input("step", options=["normalized", "plain"], default="normalized",
-                               tooltip="normalized: each step has RMS length 'strength' (DPS-style); plain: "
-                               "strength x gradient."),
+                               tooltip="normalized: the correction has RMS 'strength' whatever the loss's size; "
+                               "plain: strength x the gradient of the LPIPS summed over latent elements (the same "
+                               "size at 512 and 1024 px)."),
                 io.Float.Input("pixel_weight", default=0.0, min=0.0, max=100.0, step=0.1, round=0.01,
                                tooltip="Weight of an extra pixel (MSE) term in the loss; 0 = LPIPS only. Helps "
                                "colours stay put in the protected region."),
                 WindowType.Input("window", optional=True,
                                  tooltip="Steps where perceptual guidance acts (PSEdit Step Window); default all."),
+                io.Combo.Input("target", options=["x0", "noise"], default="x0", optional=True,
+                               tooltip="x0 (default): correct the x0 prediction; a step moves the latent by "
+                               "(1 - sigma_next/sigma) of it, so a final step to sigma 0 weighs as much as a dozen "
+                               "middle ones: end the window before the last steps. noise: correct the predicted "
+                               "noise, so each step moves the latent by strength x (sigma - sigma_next) and the pull "
+                               "fades as the noise falls (DPS-like); it is sigma times stronger on x0, so keep its "
+                               "window off the first, noisiest steps."),
                 io.Mask.Input("mask", optional=True,
                               tooltip="Edit region (white = where the edit may change the image, e.g. from PSEdit "
                               "Edit Mask or painted). Only the rest is pulled toward the source photo."),
@@ -266,12 +275,12 @@ class PerceptualGuidanceNode(io.ComfyNode):
 
     @classmethod
     def execute(cls, guider, vae, image, strength, lpips_net, gradient, decoder, step, pixel_weight=0.0, window=None,
-                mask=None):
+                mask=None, target="x0"):
         if not isinstance(guider, comfy.samplers.CFGGuider):
             raise ValueError("guider must be a ComfyUI GUIDER (CFGGuider, DualCFGGuider, PSEdit Triple Guider, ...)")
         if image.ndim != 4 or image.shape[-1] < 3:
             raise ValueError(f"image must be a ComfyUI IMAGE [batch, height, width, 3], got {tuple(image.shape)}")
-        config = PerceptualGuidanceConfig(scale=float(strength), gradient=gradient, step=step)
+        config = PerceptualGuidanceConfig(scale=float(strength), gradient=gradient, step=step, target=target)
         if mask is not None and mask.shape[0] not in (1, image.shape[0]):
             raise ValueError(f"mask batch is {mask.shape[0]} but the image batch is {image.shape[0]}: use one mask")
         wrapper = PerceptualWrapper(guider.model_patcher, vae, image, config, lpips_net, decoder, window, mask,

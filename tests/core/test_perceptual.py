@@ -43,20 +43,20 @@ def test_guidance_delta_modes():
     g[0] = 2.0
     g[1] = 0.5
     plain = guidance_delta(g, PerceptualGuidanceConfig(scale=3.0))
-    assert torch.allclose(plain, 3.0 * g)
+    assert torch.allclose(plain, 3.0 * 4 * g)  # x the 4 latent elements per sample: the summed loss's gradient
     norm = guidance_delta(g, PerceptualGuidanceConfig(scale=3.0, step="normalized"))
     assert torch.allclose(norm, torch.full_like(g, 3.0))  # RMS length = scale for every sample
     clipped = guidance_delta(g, PerceptualGuidanceConfig(scale=1.0, clip=1.0))
-    assert torch.allclose(clipped[0], torch.ones(1, 2, 2)) and torch.allclose(clipped[1], g[1])
+    assert torch.allclose(clipped[0], 4 * torch.ones(1, 2, 2)) and torch.allclose(clipped[1], 4 * g[1])
     bad = g.clone()
     bad[1, 0, 0, 0] = float("nan")
     out = guidance_delta(bad, PerceptualGuidanceConfig(scale=1.0))
-    assert torch.isfinite(out).all() and out[1].abs().sum() == 0 and torch.allclose(out[0], g[0])
+    assert torch.isfinite(out).all() and out[1].abs().sum() == 0 and torch.allclose(out[0], 4 * g[0])
 
 
 def test_config_validation():
     for kwargs in ({"scale": -1}, {"scale": float("nan")}, {"scale": 1, "gradient": "x"}, {"scale": 1, "step": "y"},
-                   {"scale": 1, "clip": 0}):
+                   {"scale": 1, "clip": 0}, {"scale": 1, "target": "z"}):
         with pytest.raises(ValueError):
             PerceptualGuidanceConfig(**kwargs)
 
@@ -92,7 +92,7 @@ def setup():
 
 
 @pytest.mark.parametrize("gradient", ["x0", "full"])
-@pytest.mark.parametrize("step,scale", [("plain", 1000.0), ("normalized", 0.3)])
+@pytest.mark.parametrize("step,scale", [("plain", 4.0), ("normalized", 0.3)])
 def test_guidance_lowers_loss_to_source(setup, gradient, step, scale):
     unguided = setup.run(PerceptualGuidanceConfig(scale=0.0))
     guided = setup.run(PerceptualGuidanceConfig(scale=scale, gradient=gradient, step=step))
@@ -159,3 +159,47 @@ def test_works_under_inference_mode_and_leaves_inputs(setup):
     plain = setup.edit_model.denoiser(setup.x_T, torch.tensor([1.0]))
     assert not torch.allclose(out, plain)
     assert steps and steps[0]["loss"].shape == (1,) and not steps[0]["skipped"]
+
+
+@pytest.mark.parametrize("target", ["noise", "x0"])
+def test_euler_step_moves_the_latent_as_documented(setup, target):
+    """noise: an Euler step moves the latent by (sigma - sigma_next) * delta more; x0: by (1 - sigma_next/sigma)."""
+    cfg = PerceptualGuidanceConfig(scale=0.2, step="normalized", target=target)
+    seen = []
+    d = perceptual_guidance(setup.edit_model.denoiser, setup.decode, setup.loss, cfg,
+                            on_step=lambda info: seen.append(info))
+    sigmas = torch.tensor([2.0, 1.5, 0.0])
+    x = setup.x_T / 7
+    guided = euler_sample(d, x, sigmas[:2])
+    plain = euler_sample(setup.edit_model.denoiser, x, sigmas[:2])
+    moved = (guided - plain).pow(2).mean().sqrt().item()
+    want = 0.2 * (0.5 if target == "noise" else 0.25)  # RMS of delta is 0.2 (normalized)
+    assert moved == pytest.approx(want, rel=1e-3), (moved, want)
+    last = euler_sample(d, x, sigmas[1:]) - euler_sample(setup.edit_model.denoiser, x, sigmas[1:])
+    # the final step to sigma 0: noise moves 1.5 * 0.2, x0 moves all of delta (0.2)
+    assert last.pow(2).mean().sqrt().item() == pytest.approx(0.2 * (1.5 if target == "noise" else 1.0), rel=1e-3)
+
+
+def test_plain_step_does_not_shrink_with_the_image_size():
+    """LPIPS-like losses are spatial means, so d L / d latent falls as 1 / N; plain mode multiplies by N."""
+    g = torch.Generator().manual_seed(9)
+    sizes = {}
+    for n in (8, 64):
+        z = torch.randn(1, 4, n, n, generator=g)
+        src = torch.randn(1, 3, 4 * n, 4 * n, generator=g)
+        weight = torch.randn(3, 4, 1, 1, generator=g)
+
+        def decode(latent, weight=weight):
+            return torch.nn.functional.interpolate(torch.nn.functional.conv2d(latent, weight), scale_factor=4)
+
+        def loss(image, src=src):
+            return (image - src).pow(2).flatten(1).mean(1)
+
+        seen = []
+        d = perceptual_guidance(lambda x, s: x, decode, loss, PerceptualGuidanceConfig(scale=1.0, target="x0"),
+                                on_step=seen.append)
+        delta = z - d(z, torch.tensor([1.0]))
+        sizes[n] = (delta.pow(2).mean().sqrt().item(), seen[0]["grad_rms"].item())
+    (d8, g8), (d64, g64) = sizes[8], sizes[64]
+    assert g64 < g8 / 30  # the raw gradient shrinks with the size (64x more elements)
+    assert 0.5 < d64 / d8 < 2.0, sizes  # the plain step does not

@@ -97,8 +97,8 @@ def test_taesd_reconstructs_photo(scene):
 
 def test_guidance_steps_pull_perturbed_latent_toward_photo(scene):
     guided = perceptual_guidance(lambda x, sigma: x, scene.decode, scene.loss,
-                                 PerceptualGuidanceConfig(scale=0.1, step="normalized"))
-    x = scene.z_pert
+                                 PerceptualGuidanceConfig(scale=0.1, step="normalized", target="x0"))
+    x = scene.z_pert  # the identity denoiser, corrected on x0: 10 plain gradient steps on the latent
     for _ in range(10):
         x = guided(x, torch.tensor([0.1]))
     (lp0, db0), (lp1, db1) = scene.scores(scene.z_pert), scene.scores(x)
