@@ -83,10 +83,11 @@ def timed(result: dict, key: str = "seconds"):
 
 
 def table(rows: list[dict], columns: list[tuple[str, str, str]]) -> str:
-    """Markdown table; ``columns`` = (key, header, format)."""
+    """Markdown table; ``columns`` = (key, header, format); a missing or None value leaves the cell empty."""
     head = "| " + " | ".join(h for _, h, _ in columns) + " |"
     rule = "|" + "|".join("---" for _ in columns) + "|"
-    body = ["| " + " | ".join(format(r[k], f) if k in r else "" for k, _, f in columns) + " |" for r in rows]
+    body = ["| " + " | ".join(format(r[k], f) if r.get(k) is not None else "" for k, _, f in columns) + " |"
+            for r in rows]
     return "\n".join([head, rule, *body])
 
 
