@@ -30,7 +30,7 @@ STEPS = 50
 GAMMA, BETA = 7.5, 3.0
 TEXT_WINDOW = (0.0, 0.4)  # "first 20 of 50 steps"
 PERCEPTUAL_WINDOW = (0.2, 0.8)
-PERCEPTUAL_STRENGTH = 0.1  # step "normalized", target "noise": RMS added to the predicted noise; tooltip: 0.05-0.2
+PERCEPTUAL_STRENGTH = 0.1  # step "normalized", target "x0": RMS correction of the x0 prediction; tooltip: 0.05-0.15
 SOURCE, EDIT = "a cat sitting on a sofa", "a tiger sitting on a sofa"
 
 
@@ -282,7 +282,7 @@ def knobs_note(taesd: str) -> str:
         f"Null-Text Inversion's guidance ({GAMMA}).\n"
         f"- text guidance window {TEXT_WINDOW[0]}-{TEXT_WINDOW[1]}: triple guidance in the first 40% of the steps "
         "(the paper's first 20 of 50); plain CFG on the edit caption after that.\n"
-        f"- Perceptual Guidance strength {PERCEPTUAL_STRENGTH} (0.05-0.2 typical; 0 = off) pulls the result toward "
+        f"- Perceptual Guidance strength {PERCEPTUAL_STRENGTH} (0.05-0.15 typical; 0 = off) pulls the result toward "
         f"the photo by LPIPS in its window ({PERCEPTUAL_WINDOW[0]}-{PERCEPTUAL_WINDOW[1]}). decoder 'taesd' needs "
         f"{taesd}_decoder.safetensors in models/vae_approx (or choose 'vae': exact, much slower). The LPIPS "
         "trunk (e.g. vgg16-397923af.pth) goes in models/lpips, or is downloaded once (see the README)."
