@@ -153,8 +153,6 @@ class NullTextInversion(io.ComfyNode):
             return io.NodeOutput(NullSchedule(conds, sigmas, float(guidance), method))
         if len(null) != 1:
             raise ValueError("null-text inversion needs a single null conditioning: do not combine or concat it")
-        if early_stop_rule not in EARLY_STOP_RULES:
-            raise ValueError(f"early_stop_rule must be one of {EARLY_STOP_RULES}, got {early_stop_rule!r}")
         result = run_null_text(model, inversion, null, source, float(guidance), int(inner_iterations),
                                float(early_stop), float(learning_rate), early_stop_rule)
         extra = null[0][1]

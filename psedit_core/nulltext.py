@@ -57,8 +57,8 @@ class NullTextResult:
     """Per-step null embeddings (``nulls[i]`` for the step from ``sigmas[i]``) and what the optimisation reached.
 
     ``losses[i]`` is the final per-step loss ``L_i`` (the largest in the batch), ``iterations[i]`` the Adam
-    iterations used, ``final`` the latent the
-    guided sampler reaches with these embeddings (compare with ``latents[-1]``).
+    iterations used, ``final`` the latent the guided sampler reaches with these embeddings (compare with
+    ``latents[-1]``).
     """
 
     nulls: tuple[torch.Tensor, ...]
