@@ -6,12 +6,13 @@ Everything here turns ComfyUI objects (ModelPatcher, CONDITIONING lists, VAE, IM
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import logging
 import os
-import weakref
 
 import comfy.model_management
+import comfy.patcher_extension
 import comfy.utils
 import folder_paths
 import torch
@@ -145,42 +146,197 @@ class Progress:
 
 
 # --- gradients under inference mode --------------------------------------------------------------------------------
+#
+# ComfyUI builds and loads every model under ``torch.inference_mode()``; autograd cannot save such tensors for
+# backward. Nothing here copies a model: each ``comfy.ops`` layer on a gradient path gets a weight wrapper,
+# which makes ComfyUI's own cast (``cast_bias_weight``) hand the layer a fresh ordinary copy of its weight at each
+# forward. The copies live only as long as the autograd graph that saved them.
 
-_grad_copies: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+def differentiable_patcher(patcher, unet: bool = True):
+    """A clone of ``patcher`` through which gradients can flow, whatever ComfyUI attached to it.
 
-
-def grad_copy(module: torch.nn.Module, device: torch.device) -> torch.nn.Module:
-    """A frozen fp32 copy of ``module`` whose tensors are ordinary (not inference) tensors, cached per module.
-
-    ComfyUI loads weights under ``torch.inference_mode()``; autograd cannot save such tensors for backward.
+    - every ``comfy.ops`` layer of the model casts a fresh ordinary, detached copy of its weight and bias (a weight
+      wrapper), and parameters no such layer casts (TAESD's scale and shift) are object-patched with ordinary copies;
+    - with ``unet``: control models on the conds evaluated with gradients enabled (ControlNets, T2I adapters) take
+      part without gradients of their own for the call (a CALC_COND_BATCH wrapper, :func:`frozen_for_grad`); each
+      skip connection is handed on as a new tensor (an ``input_block_patch_after_skip``), so the ControlNet
+      residuals ComfyUI's UNet adds to the skips in place do not modify a tensor autograd saved; and ComfyUI's
+      memory estimate for the sampling counts the weight copies and the activations kept for backward (a
+      ``memory_required`` object patch).
     """
-    cached = _grad_copies.get(module)
-    if cached is None or next(cached.parameters()).device != device:
-        with torch.inference_mode(False):
-            cached = copy.deepcopy(module).to(device=device, dtype=torch.float32).eval().requires_grad_(False)
-        _grad_copies[module] = cached
-    return cached
-
-
-def differentiable_patcher(patcher):
-    """A clone of ``patcher`` whose every ``comfy.ops`` layer casts a fresh non-inference copy of its weight and
-    bias at each forward (an identity weight wrapper forces the copy), so gradients can flow through the model."""
     clone = patcher.clone()
     n = 0
     for name, module in clone.model.named_modules():
         if not hasattr(module, "weight_function"):
             continue
         if getattr(module, "weight", None) is not None:
-            clone.add_weight_wrapper(f"{name}.weight", _identity)
+            clone.add_weight_wrapper(f"{name}.weight", _frozen)
             n += 1
         if getattr(module, "bias", None) is not None:
-            clone.add_weight_wrapper(f"{name}.bias", _identity)
+            clone.add_weight_wrapper(f"{name}.bias", _frozen)
+    for name, param in _loose_inference_params(clone.model):
+        with torch.inference_mode(False):
+            clone.add_object_patch(name, torch.nn.Parameter(param.detach().clone(), requires_grad=False))
+    if unet:
+        clone.add_object_patch("memory_required", _grad_memory(clone))
+        add_grad_options(clone.model_options)
     log.debug("gradient-enabled patcher: %d layers wrapped", n)
     return clone
 
 
-def _identity(tensor: torch.Tensor) -> torch.Tensor:
-    return tensor
+def add_grad_options(model_options: dict) -> None:
+    """Add, in place, the sampling options a gradient-enabled UNet patcher needs (a guider keeps its own copy of
+    the model options, so a guider sampling such a patcher gets them too): the ControlNet CALC_COND_BATCH wrapper,
+    the fresh-skip block patch, and a PREPARE_SAMPLING wrapper that loads the models with the larger memory
+    estimate, so ComfyUI offloads (lowvram) rather than running out of memory in backward."""
+    add = comfy.patcher_extension.add_wrapper_with_key
+    add(comfy.patcher_extension.WrappersMP.CALC_COND_BATCH, "psedit_grad_controls", _controls_with_grad,
+        model_options, is_model_options=True)
+    add(comfy.patcher_extension.WrappersMP.PREPARE_SAMPLING, "psedit_grad_memory", _prepare_with_grad_memory,
+        model_options, is_model_options=True)
+    patches = model_options.setdefault("transformer_options", {}).setdefault("patches", {})
+    if _fresh_skip not in patches.get("input_block_patch_after_skip", []):
+        patches["input_block_patch_after_skip"] = [*patches.get("input_block_patch_after_skip", []), _fresh_skip]
+
+
+def _prepare_with_grad_memory(executor, model, noise_shape, conds, model_options=None):
+    """After ComfyUI's own preparation (the model is loaded, so its ``memory_required`` is the gradient one), load
+    the same models again with that estimate: ``load_models_gpu`` then frees memory or partially offloads."""
+    import comfy.sampler_helpers
+
+    real_model, conds_out, models = executor(model, noise_shape, conds, model_options=model_options)
+    memory, minimum = comfy.sampler_helpers.estimate_memory(model, noise_shape, conds_out)
+    comfy.model_management.load_models_gpu([model] + list(models), memory_required=memory,
+                                           minimum_memory_required=minimum)
+    return real_model, conds_out, models
+
+
+def _loose_inference_params(model: torch.nn.Module):
+    """``(name, parameter)`` for the inference-tensor parameters no ``comfy.ops`` layer casts (e.g. TAESD's
+    ``vae_scale`` / ``vae_shift``): they are small, and an object patch swaps each for an ordinary copy while the
+    patcher is loaded."""
+    for prefix, module in model.named_modules():
+        if hasattr(module, "weight_function"):
+            continue
+        for name, param in module.named_parameters(recurse=False):
+            if param.is_inference():
+                yield (f"{prefix}.{name}" if prefix else name), param
+
+
+def _frozen(tensor: torch.Tensor) -> torch.Tensor:
+    """The weight wrapper: ComfyUI's cast has just copied the weight (a function forces the copy); detached, so
+    a layer whose parameters still ask for gradients (ControlNets do) records no weight gradient and never has to
+    save an inference-tensor input (a ControlNet's cached hint) for backward."""
+    return tensor.detach()
+
+
+def _fresh_skip(h: torch.Tensor, transformer_options: dict) -> torch.Tensor:
+    return h.clone() if h.requires_grad else h
+
+
+GRAD_ACTIVATION_FACTOR = 3.0  # backward keeps about this many forward estimates of activations (benchmarks/)
+
+
+def weight_bytes(module: torch.nn.Module, dtype: torch.dtype | None = None) -> int:
+    """Bytes of ``module``'s floating-point parameters, stored as ``dtype`` (default: as they are)."""
+    return sum(p.numel() * (dtype.itemsize if dtype else p.element_size())
+               for p in module.parameters() if p.dtype.is_floating_point)
+
+
+def _grad_memory(patcher):
+    """``memory_required`` that adds what a gradient evaluation holds: the weight copies (in the compute dtype)
+    and the activations saved for backward (``GRAD_ACTIVATION_FACTOR`` x the forward estimate)."""
+    base = patcher.get_model_object("memory_required")
+    model = patcher.model
+    compute = getattr(model, "manual_cast_dtype", None) or model.get_dtype()
+    copies = weight_bytes(model.diffusion_model, compute)
+
+    def memory_required(input_shape, cond_shapes={}):  # noqa: B006 (ComfyUI's signature)
+        return GRAD_ACTIVATION_FACTOR * base(input_shape, cond_shapes=cond_shapes) + copies
+
+    return memory_required
+
+
+CONTROL_MODULE_ATTRS = ("control_model", "t2i_model")  # ControlNet / ControlLora, T2IAdapter
+
+
+def control_modules(conds) -> list[torch.nn.Module]:
+    """The control models (ControlNets, T2I adapters, with their chains) attached to a list of cond lists."""
+    found, seen = [], set()
+    for cond in conds:
+        for entry in cond or ():
+            control = entry.get("control") if isinstance(entry, dict) else None
+            while control is not None and id(control) not in seen:
+                seen.add(id(control))
+                for attr in CONTROL_MODULE_ATTRS:
+                    module = getattr(control, attr, None)
+                    if isinstance(module, torch.nn.Module):
+                        found.append(module)
+                control = getattr(control, "previous_controlnet", None)
+    return found
+
+
+@contextlib.contextmanager
+def frozen_for_grad(modules):
+    """Within the block, ``modules`` take part in a gradient evaluation without gradients of their own: every
+    ``comfy.ops`` layer casts an ordinary, detached copy of its weight (wrapper appended; a ControlNet is
+    differentiated with respect to its input), and no parameter asks for a gradient (a T2I adapter's plain torch
+    layers then build no graph over their inference-tensor weights). Everything is put back on exit."""
+    saved, asking = [], []
+    for root in modules:
+        for m in root.modules():
+            if hasattr(m, "weight_function"):
+                saved.append((m, m.weight_function, m.bias_function))
+                m.weight_function = [*m.weight_function, _frozen]
+                m.bias_function = [*m.bias_function, _frozen]
+        asking += [p for p in root.parameters() if p.requires_grad]
+    for p in asking:
+        p.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for m, weight_fns, bias_fns in saved:
+            m.weight_function, m.bias_function = weight_fns, bias_fns
+        with torch.inference_mode(any(p.is_inference() for p in asking)):  # inference tensors only change there
+            for p in asking:
+                p.requires_grad_(True)
+
+
+def _controls_with_grad(executor, model, conds, x_in, timestep, model_options):
+    if not torch.is_grad_enabled():
+        return executor(model, conds, x_in, timestep, model_options)
+    with frozen_for_grad(control_modules(conds)):
+        return executor(model, conds, x_in, timestep, model_options)
+
+
+_GRAD_FAILURES = ("Inference tensors cannot be saved for backward", "modified by an inplace operation",
+                  "does not require grad and does not have a grad_fn")
+
+
+@contextlib.contextmanager
+def explain_grad_failure(what: str, alternative: str):
+    """Turn autograd's refusal to differentiate a model part that ComfyUI attached (a patch or control model PSEdit
+    cannot make differentiable) into an error that names the part's kind and ``alternative``."""
+    try:
+        yield
+    except RuntimeError as exc:
+        if not any(m in str(exc) for m in _GRAD_FAILURES):
+            raise
+        raise RuntimeError(
+            f"{what} needs gradients through the model, and a patch or control model attached to it cannot be "
+            f"differentiated ({str(exc).splitlines()[0]}): {alternative}, or remove that patch"
+        ) from exc
+
+
+def ordinary_latent_format(fmt):
+    """A copy of a latent format whose tensors (per-channel means, stds, ...) are ordinary tensors: nodes such as
+    ModelSamplingContinuousEDM build them under inference mode, and ``process_out`` multiplies by them."""
+    with torch.inference_mode(False):
+        out = copy.copy(fmt)
+        for k, v in vars(fmt).items():
+            if isinstance(v, torch.Tensor):
+                setattr(out, k, v.clone())
+    return out
 
 
 # --- decoders --------------------------------------------------------------------------------------------------------
@@ -198,40 +354,77 @@ def taesd_decoder_path(model) -> str:
     )
 
 
-_taesd_cache: dict[str, torch.nn.Module] = {}
+# The latents each TAESD decoder was trained on (its input is that format's model-space latent).
+TAESD_LATENTS = {"taesd_decoder": "SD15", "taesdxl_decoder": "SDXL", "taesd3_decoder": "SD3",
+                 "taef1_decoder": "Flux"}
+_taesd_patchers: dict[str, object] = {}
 
 
-def load_taesd(model) -> torch.nn.Module:
-    """ComfyUI's TAESD module with only its decoder loaded, scaled for this model's latents."""
-    from comfy.taesd.taesd import TAESD
+def taesd_patcher(model):
+    """A ModelPatcher (gradient-enabled) around TAESD's decoder alone, fp32, cached per file: ComfyUI loads it with
+    the sampling (memory accounted, offloaded when memory is short) and unloads it like any model."""
+    import comfy.model_patcher
+    from comfy.taesd.taesd import Decoder
 
     path = taesd_decoder_path(model)
-    if path not in _taesd_cache:
-        fmt = latent_format(model)
+    if path not in _taesd_patchers:
         with torch.inference_mode(False):
-            taesd = TAESD(decoder_path=path, latent_channels=fmt.latent_channels)
-            taesd.vae_scale.data.fill_(fmt.scale_factor)
-            taesd.vae_shift.data.fill_(getattr(fmt, "shift_factor", 0.0) or 0.0)
-            _taesd_cache[path] = taesd.float().eval().requires_grad_(False)
-    return _taesd_cache[path]
+            decoder = Decoder(latent_channels=latent_format(model).latent_channels)
+            decoder.load_state_dict(comfy.utils.load_torch_file(path, safe_load=True))
+            decoder = decoder.float().eval().requires_grad_(False)
+        patcher = comfy.model_patcher.ModelPatcher(
+            decoder, load_device=comfy.model_management.get_torch_device(),
+            offload_device=comfy.model_management.unet_offload_device())
+        _taesd_patchers[path] = differentiable_patcher(patcher, unet=False)
+    return _taesd_patchers[path]
 
 
-def make_decoder(model, vae, choice: str, device: torch.device):
-    """``decode(x0) -> image NCHW in [0, 1]`` for model-space latents, differentiable, fp32.
+def _taesd_input(model):
+    """``x0 -> TAESD input``: the model's latent taken to the latent space its TAESD decoder was trained on (the
+    identity for SD1.x and SDXL; Playground v2.5's per-channel latents go through the raw VAE latent)."""
+    import comfy.latent_formats
 
+    fmt = latent_format(model)
+    trained = getattr(comfy.latent_formats, TAESD_LATENTS.get(fmt.taesd_decoder_name, ""), None)
+    if trained is None or type(fmt) is trained:
+        return lambda x0: x0
+    fmt, ref = ordinary_latent_format(fmt), ordinary_latent_format(trained())
+    return lambda x0: ref.process_in(fmt.process_out(x0))
+
+
+def decoder_patcher(model, vae, choice: str):
+    """The ModelPatcher whose weights the guidance decoder uses, gradient-enabled: TAESD's decoder, or a clone of
+    the checkpoint VAE's own patcher (no copy of the VAE is made)."""
+    if choice == "taesd":
+        return taesd_patcher(model)
+    if vae is None:
+        raise ValueError("decoder 'vae' needs a VAE connected (or choose decoder 'taesd')")
+    return differentiable_patcher(vae.patcher, unet=False)
+
+
+def make_decoder(model, vae, choice: str, patcher=None):
+    """``decode(x0) -> image NCHW in [0, 1]`` for model-space latents, differentiable.
+
+    TAESD runs in fp32 (it is tiny); the VAE in the dtype ComfyUI chose for it (``vae.vae_dtype``), on its device.
     Uses ``first_stage_model.decode`` rather than ``VAE.decode`` (which clamps, writes into a preallocated tensor
     and may fall back to an inference-mode tiled path).
     """
-    fmt = latent_format(model)
+    patcher = patcher or decoder_patcher(model, vae, choice)
+    module, device = patcher.model, patcher.load_device
     if choice == "taesd":
-        module = grad_copy(load_taesd(model), device)
-    else:
-        if vae is None:
-            raise ValueError("decoder 'vae' needs a VAE connected (or choose decoder 'taesd')")
-        module = grad_copy(vae.first_stage_model, device)
+        to_input = _taesd_input(model)
+
+        def decode(x0: torch.Tensor) -> torch.Tensor:
+            return module(to_input(x0).to(device, torch.float32)).to(x0.device, torch.float32)
+
+        return decode
+
+    fmt = ordinary_latent_format(latent_format(model))
+    dtype = getattr(vae, "vae_dtype", torch.float32)
 
     def decode(x0: torch.Tensor) -> torch.Tensor:
-        return (module.decode(fmt.process_out(x0.float())) + 1) / 2
+        z = fmt.process_out(x0.float()).to(device, dtype)
+        return (module.decode(z).to(x0.device, torch.float32) + 1) / 2
 
     return decode
 

@@ -17,9 +17,8 @@ import node_helpers
 import torch
 from comfy_api.latest import io
 
-from ..psedit_core.guidance import triple_guidance
 from ..psedit_core.lpips_loader import LPIPS_NETS, get_lpips
-from ..psedit_core.masks import masked_perceptual_loss
+from ..psedit_core.masks import fit_mask, masked_perceptual_loss
 from ..psedit_core.perceptual import PerceptualGuidanceConfig, lpips_loss, perceptual_guidance
 from ..psedit_core.schedule import StepWindow
 from . import _comfy
@@ -72,20 +71,31 @@ class StepWindowNode(io.ComfyNode):
 class TripleGuider(comfy.samplers.CFGGuider):
     """``null + gamma (src - null) + beta (edit - src)`` inside the window, plain CFG(null, edit, gamma) outside.
 
-    One batched ``calc_cond_batch`` for the three predictions; the model's pre- and post-CFG hooks run as they do
-    in ``sampling_function`` (as the stock PerpNeg guider does), so patches such as RescaleCFG keep working.
+    It composes with model patches the way DualCFGGuider(cond1 = edit, cond2 = source, negative = null,
+    cfg_conds = beta, cfg_cond2_negative = gamma) does, which computes the same sum:
+
+    - the conds are keyed as ComfyUI's guiders key them (edit ``positive``, null ``negative``, source ``middle``
+      with ``prompt_type`` negative, per-step nulls negative too), so ``process_conds`` copies an apply-to-uncond
+      ControlNet or GLIGEN from the edit to every other branch;
+    - one batched ``calc_cond_batch`` (or the model's ``sampler_calc_cond_batch_function``) in ComfyUI's cond-first
+      order ``[edit, null, source]``: pre-CFG hooks (TCFG, APG) read ``conds_out[0]`` as the cond and ``[1]`` as the
+      uncond, and ``cond_or_uncond`` is 0 for the edit, 1 for the null (what Self-Attention Guidance records) and
+      2 for the source;
+    - ``comfy.samplers.cfg_function(source, null, gamma)`` (so ``sampler_cfg_function`` patches such as RescaleCFG
+      and the post-CFG hooks run there, on cond = source, uncond = null), plus ``beta (edit - src)``.
     """
 
     def set_conds(self, null, source, edit):
         source = node_helpers.conditioning_set_values(source, {"prompt_type": "negative"})
-        self.inner_set_conds({"null": null, "source": source, "edit": edit})
+        self.inner_set_conds({"positive": edit, "negative": null, "middle": source})
 
     def set_params(self, gamma: float, beta: float, window: StepWindow | None, null_schedule=None):
         self.gamma, self.beta, self.window = gamma, beta, window
         self.null_schedule = null_schedule
         if null_schedule is not None:
-            # One cond entry per step, so ComfyUI prepares every per-step null embedding like any other cond.
-            self.inner_set_conds(null_schedule.as_conds())
+            # One cond entry per step, so ComfyUI prepares every per-step null embedding like any other negative.
+            self.inner_set_conds({k: node_helpers.conditioning_set_values(c, {"prompt_type": "negative"})
+                                  for k, c in null_schedule.as_conds().items()})
             if abs(null_schedule.guidance - gamma) > 1e-6:
                 log.warning("null schedule was optimised for guidance %.2f but gamma is %.2f: the photo is "
                             "reconstructed faithfully only when they match", null_schedule.guidance, gamma)
@@ -93,28 +103,31 @@ class TripleGuider(comfy.samplers.CFGGuider):
     def null_for(self, model_options, timestep):
         """The null conditioning for this step: the fixed one, or a per-step one from null-text inversion."""
         if self.null_schedule is None:
-            return self.conds.get("null")
+            return self.conds.get("negative")
         return self.conds.get(self.null_schedule.key_for(_comfy.sample_sigmas(model_options), timestep))
 
     def predict_noise(self, x, timestep, model_options={}, seed=None):  # noqa: B006 (ComfyUI's signature)
         null = self.null_for(model_options, timestep)
-        edit = self.conds.get("edit")
+        edit = self.conds.get("positive")
         if not window_active(self.window, model_options, timestep):
             return comfy.samplers.sampling_function(
                 self.inner_model, x, timestep, null, edit, self.gamma, model_options=model_options, seed=seed
             )
-        conds = [null, self.conds.get("source"), edit]
-        out = comfy.samplers.calc_cond_batch(self.inner_model, conds, x, timestep, model_options)
+        source = self.conds.get("middle")
+        conds = [edit, null, source]
+        if "sampler_calc_cond_batch_function" in model_options:
+            out = model_options["sampler_calc_cond_batch_function"](
+                {"conds": conds, "input": x, "sigma": timestep, "model": self.inner_model,
+                 "model_options": model_options})
+        else:
+            out = comfy.samplers.calc_cond_batch(self.inner_model, conds, x, timestep, model_options)
         for fn in model_options.get("sampler_pre_cfg_function", []):
             out = fn({"conds": conds, "conds_out": out, "cond_scale": self.gamma, "timestep": timestep, "input": x,
                       "sigma": timestep, "model": self.inner_model, "model_options": model_options})
-        result = triple_guidance(out[0], out[1], out[2], self.gamma, self.beta)
-        for fn in model_options.get("sampler_post_cfg_function", []):
-            result = fn({"denoised": result, "cond": edit, "uncond": null, "cond_scale": self.gamma,
-                         "model": self.inner_model, "uncond_denoised": out[0], "cond_denoised": out[2],
-                         "sigma": timestep, "model_options": model_options, "input": x,
-                         "source_cond": conds[1], "source_denoised": out[1]})
-        return result
+        edit_pred, null_pred, source_pred = out[0], out[1], out[2]
+        text = comfy.samplers.cfg_function(self.inner_model, source_pred, null_pred, self.gamma, x, timestep,
+                                           model_options=model_options, cond=source, uncond=null)
+        return text + (edit_pred - source_pred) * self.beta
 
 
 class TripleGuiderNode(io.ComfyNode):
@@ -127,7 +140,9 @@ class TripleGuiderNode(io.ComfyNode):
             description=(
                 "Text guidance optimisation (arXiv 2312.06680 eq. 1-2): e = e_null + gamma (e_src - e_null) + "
                 "beta (e_edit - e_src), from one batched model call. beta = 0 reconstructs the photo, larger beta "
-                "edits more. Outside the window it is plain CFG on the edit prompt with scale gamma."
+                "edits more. Outside the window it is plain CFG on the edit prompt with scale gamma. Model "
+                "patches (RescaleCFG, TCFG, APG, SAG) and ControlNets apply as with DualCFGGuider (cond1 edit, "
+                "cond2 source, negative null, cfg_conds beta, cfg_cond2_negative gamma), which gives the same sum."
             ),
             inputs=[
                 io.Model.Input("model", tooltip="The checkpoint's MODEL."),
@@ -164,12 +179,19 @@ class TripleGuiderNode(io.ComfyNode):
 # --- perceptual guidance ---------------------------------------------------------------------------------------------
 
 class PerceptualWrapper:
-    """A PREDICT_NOISE wrapper: the inner guider's prediction, corrected by perceptual guidance (core)."""
+    """A PREDICT_NOISE wrapper: the inner guider's prediction, corrected by perceptual guidance (core).
 
-    def __init__(self, model, vae, image, config, net, decoder, window, mask=None, pixel_weight=0.0):
+    What it builds for a sampling (the decoder function, the source photo and LPIPS on the sampling device) is
+    dropped when the sampling ends (:meth:`release`, from an OUTER_SAMPLE wrapper); the decoder's weights belong to
+    ``decoder_patcher``, which ComfyUI loads and offloads with the sampling.
+    """
+
+    def __init__(self, model, vae, image, config, net, decoder, window, mask=None, pixel_weight=0.0,
+                 decoder_patcher=None):
         self.model, self.vae, self.image, self.config = model, vae, image, config
         self.net, self.decoder, self.window, self.mask = net, decoder, window, mask
         self.pixel_weight = pixel_weight
+        self.decoder_patcher = decoder_patcher
         self._cache = {}
 
     def _setup(self, x: torch.Tensor):
@@ -177,22 +199,33 @@ class PerceptualWrapper:
         if key not in self._cache:
             ratio = _comfy.vae_ratio(self.vae, self.decoder)
             image = _comfy.match_image_to_latent(self.image, tuple(x.shape[-2:]), x.shape[0], ratio)
-            decode = _comfy.make_decoder(self.model, self.vae, self.decoder, x.device)
+            decode = _comfy.make_decoder(self.model, self.vae, self.decoder, self.decoder_patcher)
             source = image[..., :3].movedim(-1, 1).to(x.device)
-            region = None
-            if self.mask is not None:
-                mask = self.mask[None] if self.mask.ndim == 2 else self.mask
-                if tuple(mask.shape[-2:]) == tuple(self.image.shape[1:3]):  # crop it as the image was cropped
-                    mask = _comfy.match_image_to_latent(mask[..., None], tuple(x.shape[-2:]), x.shape[0], ratio)[..., 0]
-                region = mask[:, None].to(x.device)
+            region = self.region_for(tuple(image.shape[1:3]), ratio)
+            region = None if region is None else region.to(x.device)
             self._cache = {key: (decode, self._loss(source, region))}
         return self._cache[key]
 
+    def release(self) -> None:
+        self._cache = {}
+
+    def region_for(self, size: tuple[int, int], ratio: int) -> torch.Tensor | None:
+        """The edit region at image ``size`` (``[B, 1, H, W]``), placed as Edit Mask places it, or None."""
+        return None if self.mask is None else fit_mask(self.mask, size, ratio)
+
+    def _lpips(self, spatial: bool, device: torch.device):
+        """LPIPS on ``device``: the cached CPU copy, or a private copy on the sampling device (dropped with the
+        sampling's cache, so no LPIPS stays in GPU memory outside ComfyUI's account)."""
+        net = get_lpips(self.net, search_dirs=_comfy.lpips_search_dirs(), spatial=spatial, device="cpu")
+        if device.type == "cpu":
+            return net
+        with torch.inference_mode(False):
+            return copy.deepcopy(net).to(device)
+
     def _loss(self, source: torch.Tensor, region: torch.Tensor | None):
-        dirs = _comfy.lpips_search_dirs()
         if region is None and self.pixel_weight == 0:
-            return lpips_loss(get_lpips(self.net, search_dirs=dirs, device=source.device), source)
-        net = get_lpips(self.net, search_dirs=dirs, spatial=True, device=source.device)
+            return lpips_loss(self._lpips(False, source.device), source)
+        net = self._lpips(True, source.device)
         region = torch.zeros_like(source[:, :1]) if region is None else region
         return masked_perceptual_loss(net, source, region, pixel_weight=self.pixel_weight)
 
@@ -204,19 +237,36 @@ class PerceptualWrapper:
             return inner(x, timestep)
         decode, loss = self._setup(x)
         guided = perceptual_guidance(inner, decode, loss, self.config)
-        return guided(x, timestep)
+        with _comfy.explain_grad_failure("PSEdit Perceptual Guidance with gradient 'full'", "use gradient 'x0'"):
+            return guided(x, timestep)
+
+    def outer_sample(self, executor, *args, **kwargs):
+        try:
+            return executor(*args, **kwargs)
+        finally:
+            self.release()
 
 
 def wrap_guider(guider, wrapper: PerceptualWrapper, differentiable: bool):
-    """A shallow copy of ``guider`` with ``wrapper`` around its ``predict_noise``; the input guider is unchanged."""
+    """A shallow copy of ``guider`` with ``wrapper`` around its ``predict_noise``; the input guider is unchanged.
+
+    The copy's patcher is a clone (gradient-enabled for ``differentiable``) that carries the decoder's patcher as an
+    additional model, so ComfyUI loads it with the sampling and counts its memory.
+    """
     wrapped = copy.copy(guider)
-    wrapped.model_options = comfy.model_patcher.create_model_options_clone(guider.model_options)
-    comfy.patcher_extension.add_wrapper_with_key(
-        comfy.patcher_extension.WrappersMP.PREDICT_NOISE, "psedit_perceptual", wrapper, wrapped.model_options,
-        is_model_options=True,
-    )
+    options = comfy.model_patcher.create_model_options_clone(guider.model_options)
+    wrapped.model_options = options
+    add = comfy.patcher_extension.add_wrapper_with_key
+    add(comfy.patcher_extension.WrappersMP.PREDICT_NOISE, "psedit_perceptual", wrapper, options, is_model_options=True)
+    add(comfy.patcher_extension.WrappersMP.OUTER_SAMPLE, "psedit_perceptual_release", wrapper.outer_sample, options,
+        is_model_options=True)
     if differentiable:
         wrapped.model_patcher = _comfy.differentiable_patcher(guider.model_patcher)
+        _comfy.add_grad_options(options)
+    else:
+        wrapped.model_patcher = guider.model_patcher.clone()
+    if wrapper.decoder_patcher is not None:
+        wrapped.model_patcher.set_additional_models("psedit_decoder", [wrapper.decoder_patcher])
     return wrapped
 
 
@@ -268,7 +318,9 @@ class PerceptualGuidanceNode(io.ComfyNode):
                                "window off the first, noisiest steps."),
                 io.Mask.Input("mask", optional=True,
                               tooltip="Edit region (white = where the edit may change the image, e.g. from PSEdit "
-                              "Edit Mask or painted). Only the rest is pulled toward the source photo."),
+                              "Edit Mask or painted). Only the rest is pulled toward the source photo. A mask "
+                              "painted on the photo is cropped as VAE Encode crops the photo; one of another size "
+                              "must have the photo's aspect ratio."),
             ],
             outputs=[io.Guider.Output(tooltip="Connect to SamplerCustomAdvanced.")],
         )
@@ -283,6 +335,9 @@ class PerceptualGuidanceNode(io.ComfyNode):
         config = PerceptualGuidanceConfig(scale=float(strength), gradient=gradient, step=step, target=target)
         if mask is not None and mask.shape[0] not in (1, image.shape[0]):
             raise ValueError(f"mask batch is {mask.shape[0]} but the image batch is {image.shape[0]}: use one mask")
+        if mask is not None:  # an unplaceable mask fails here, not after the first sampling steps
+            r = _comfy.vae_ratio(vae, decoder)
+            fit_mask(mask, (image.shape[1] // r * r, image.shape[2] // r * r), r)
         wrapper = PerceptualWrapper(guider.model_patcher, vae, image, config, lpips_net, decoder, window, mask,
-                                    float(pixel_weight))
+                                    float(pixel_weight), _comfy.decoder_patcher(guider.model_patcher, vae, decoder))
         return io.NodeOutput(wrap_guider(guider, wrapper, differentiable=(gradient == "full")))

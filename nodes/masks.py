@@ -5,7 +5,7 @@ from __future__ import annotations
 import comfy.samplers
 from comfy_api.latest import io
 
-from ..psedit_core.masks import edit_mask, resize_mask
+from ..psedit_core.masks import edit_mask, fit_mask, resize_mask
 from . import _comfy
 from .inversion import InversionType
 
@@ -66,7 +66,8 @@ class EditMask(io.ComfyNode):
                                  "thresholded one."),
                 io.Mask.Input("mask", optional=True,
                               tooltip="Your own mask (white = edit region). When connected it is used instead of "
-                              "the estimate (resized to the image if needed)."),
+                              "the estimate: a mask painted on the photo is cropped as VAE Encode crops the photo, "
+                              "one of another size must have the photo's aspect ratio (it is area-resized)."),
             ],
             outputs=[io.Mask.Output(
                 "edit_mask", display_name="edit_mask", tooltip="White where the edit may change the image.")],
@@ -77,7 +78,7 @@ class EditMask(io.ComfyNode):
         latent = inversion.inversion.latents[-1]
         size = (latent.shape[-2] * _comfy.SPATIAL_RATIO, latent.shape[-1] * _comfy.SPATIAL_RATIO)
         if mask is not None:
-            return io.NodeOutput(resize_mask(mask, size)[:, 0].cpu())
+            return io.NodeOutput(fit_mask(mask, size, _comfy.SPATIAL_RATIO)[:, 0].cpu())
         if inversion.family != _comfy.model_family(model):
             raise ValueError(
                 f"the inversion was made with a {inversion.family} model but this MODEL is "

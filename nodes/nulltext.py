@@ -91,7 +91,8 @@ def run_null_text(model, payload, null, source, guidance, inner_steps, early_sto
         return x
 
     diff_model = _comfy.differentiable_patcher(model)
-    return _comfy.run_on_trajectory(diff_model, payload, source, null, guidance, optimise)["result"]
+    with _comfy.explain_grad_failure("PSEdit Null-Text Inversion", "use method 'negative-prompt'"):
+        return _comfy.run_on_trajectory(diff_model, payload, source, null, guidance, optimise)["result"]
 
 
 class NullTextInversion(io.ComfyNode):

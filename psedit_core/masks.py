@@ -29,6 +29,7 @@ import torch.nn.functional as F
 __all__ = [
     "accumulate_difference",
     "edit_mask",
+    "fit_mask",
     "gaussian_blur",
     "masked_perceptual_loss",
     "normalise",
@@ -96,6 +97,41 @@ def resize_mask(mask: torch.Tensor, size: tuple[int, int], mode: str = "bilinear
         m = m[:, None]
     if tuple(m.shape[-2:]) != tuple(size):
         m = F.interpolate(m, size=size, mode=mode, **({} if mode == "nearest" else {"align_corners": False}))
+    return m.clamp(0, 1)
+
+
+def fit_mask(mask: torch.Tensor, size: tuple[int, int], ratio: int = 8) -> torch.Tensor:
+    """A user's mask ``[B, H, W]`` / ``[B, 1, H, W]`` brought to the image size ``size`` (the latent's size times
+    the VAE's ``ratio``) the way its photo was brought there; ``[B, 1, *size]`` in [0, 1].
+
+    - A side of ``size`` + 0..ratio-1 pixels (a mask painted on the photo itself) is centre-cropped exactly as
+      ComfyUI's VAE encode crops the photo: ``(H mod ratio) // 2`` rows off the top, the rest off the bottom.
+    - A mask of the same aspect ratio at another size (up to the rounding of the photo's sides to multiples of
+      ``ratio``) is resized: area-averaged when shrinking (antialiased, so a thin stroke keeps its weight wherever
+      it lies), bilinear when growing.
+    - Any other shape raises: the photo was cropped or padded and the mask cannot know how.
+    """
+    m = mask.float()
+    if m.ndim == 2:
+        m = m[None]
+    if m.ndim == 3:
+        m = m[:, None]
+    if m.ndim != 4 or m.shape[1] != 1:
+        raise ValueError(f"a mask must be [batch, height, width], got {tuple(mask.shape)}")
+    for d, want in ((2, size[0]), (3, size[1])):
+        have = m.shape[d]
+        if have != want and (have // ratio) * ratio == want:
+            m = m.narrow(d, (have % ratio) // 2, want)
+    h, w = m.shape[-2:]
+    if (h, w) != tuple(size):
+        slack = ratio / min(size) + 1e-3  # the photo's sides were rounded down to multiples of ratio
+        if abs((h / w) / (size[0] / size[1]) - 1) > slack:
+            raise ValueError(
+                f"the mask is {w}x{h} but the image it must cover is {size[1]}x{size[0]} (another aspect ratio): "
+                "scale and crop the mask with the same nodes and settings as the photo (e.g. convert it to an image, "
+                "apply the photo's ImageScale/crop, convert back), or paint it on the photo you encode"
+            )
+        m = F.interpolate(m, size=tuple(size), mode="bilinear", align_corners=False, antialias=True)
     return m.clamp(0, 1)
 
 

@@ -6,6 +6,7 @@ from psedit_core.inversion import ddim_invert, euler_sample
 from psedit_core.masks import (
     accumulate_difference,
     edit_mask,
+    fit_mask,
     gaussian_blur,
     masked_perceptual_loss,
     normalise,
@@ -60,6 +61,39 @@ def test_resize_mask_shapes():
     r = resize_mask(m, (16, 16))
     assert r.shape == (2, 1, 16, 16) and r.max() <= 1 and r.min() >= 0
     assert r[0, 0, 8, 8] == 1 and r[0, 0, 0, 0] == 0
+
+
+def test_fit_mask_crops_a_photo_sized_mask_as_vae_encode_crops_the_photo():
+    """A 68x70 photo encodes to 64x64 pixels: VAEEncode drops (68 % 8) // 2 = 2 rows / 3 columns first."""
+    photo_mask = torch.zeros(1, 68, 70)
+    photo_mask[:, 2:4, 3:5] = 1  # the first pixels that survive the crop
+    m = fit_mask(photo_mask, (64, 64))
+    assert m.shape == (1, 1, 64, 64)
+    assert m[0, 0, :2, :2].tolist() == [[1.0, 1.0], [1.0, 1.0]] and m.sum() == 4  # exact: no stretch, no blur
+
+
+def test_fit_mask_refuses_another_aspect_ratio():
+    """A portrait mask for a square-cropped photo cannot be placed: the error names the fix."""
+    with pytest.raises(ValueError, match="scale and crop the mask with the same nodes"):
+        fit_mask(torch.zeros(1, 768, 512), (512, 512))
+
+
+@pytest.mark.parametrize("offset", [0, 1, 2, 3])
+def test_fit_mask_shrinks_by_area_so_thin_strokes_survive_anywhere(offset):
+    """A 2-px stroke on a mask 4x the image's size keeps its weight (half a pixel of area) wherever it lies;
+    point sampling (nearest / plain bilinear) keeps all of it or none of it depending on the offset."""
+    big = torch.zeros(1, 256, 256)
+    big[:, 100:160, 40 + offset:42 + offset] = 1
+    m = fit_mask(big, (64, 64))
+    assert m.sum().item() == pytest.approx(big.sum().item() / 16, rel=0.05)
+    assert m.max() > 0.2
+
+
+def test_fit_mask_grows_a_small_mask_of_the_same_aspect():
+    small = torch.zeros(2, 8, 12)
+    small[:, 2:6, 3:9] = 1
+    m = fit_mask(small, (32, 48))
+    assert m.shape == (2, 1, 32, 48) and m[0, 0, 16, 24] == 1 and m[0, 0, 0, 0] == 0
 
 
 class Scene:

@@ -164,7 +164,9 @@ def test_triple_guider_equals_dual_cfg(setup):
 
 
 def test_triple_guider_keeps_pre_and_post_cfg_patches(sd15):
-    """Model patches run on the triple result as they do on CFG's: the prediction is post_cfg(triple(pre_cfg(out)))."""
+    """Model patches run as in DualCFGGuider: pre-CFG hooks on the three predictions, then ComfyUI's cfg_function
+    (with its post-CFG hooks) on the text part ``null + gamma (src - null)``, plus ``beta (edit - src)``:
+    prediction = post(text(pre(out))) + beta (pre(edit) - pre(src))."""
     model, conds = sd15
     patched = model.clone()
     patched.set_model_sampler_pre_cfg_function(lambda args: [o * 0.9 for o in args["conds_out"]])
@@ -173,9 +175,10 @@ def test_triple_guider_keeps_pre_and_post_cfg_patches(sd15):
     with torch.inference_mode():
         triple = TripleGuiderNode.execute(patched, conds["null"], conds["source"], conds["edit"], 6.0, 2.0)[0]
         unpatched = TripleGuiderNode.execute(model, conds["null"], conds["source"], conds["edit"], 6.0, 2.0)[0]
-    p, u = probe(triple, latent, sigmas, [2]), probe(unpatched, latent, sigmas, [2])
+        text_only = TripleGuiderNode.execute(model, conds["null"], conds["source"], conds["edit"], 6.0, 0.0)[0]
+    p, u, t = (probe(g, latent, sigmas, [2])[2] for g in (triple, unpatched, text_only))
     x = latent["samples"] * 0.18215  # the probe evaluates at the (model-space) input latent
-    assert torch.allclose(p[2], 0.5 * (0.9 * u[2]) + 0.5 * x, atol=1e-5)
+    assert torch.allclose(p, 0.5 * (0.9 * t) + 0.5 * x + 0.9 * (u - t), atol=1e-5)
 
 
 def probe(guider, latent, sigmas, at):

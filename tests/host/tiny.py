@@ -91,14 +91,21 @@ def _unet_config(family: str) -> dict:
 
 
 def build_tiny(family: str = "sd15", prediction: str = "eps", seed: int = 0, size: str = "tiny", std: float = 0.04,
-               dtype: torch.dtype = torch.float32, manual_cast: torch.dtype | None = None):
+               dtype: torch.dtype = torch.float32, manual_cast: torch.dtype | None = None, inference: bool = True):
     """A ModelPatcher around an SD1.5- or SDXL-architecture UNet with deterministic random weights.
 
     ``size="full"`` builds the full SD1.5 UNet (860 M parameters) for benchmarks. ``dtype`` is the weights'
     storage dtype and ``manual_cast`` the compute dtype when it differs (ComfyUI's manual cast: fp16 weights
     computed in fp32, or, with ``manual_cast=None``, half-precision kernels as on a GPU). The weights are drawn in
-    fp32 and then cast, so every dtype holds the same model.
+    fp32 and then cast, so every dtype holds the same model. With ``inference`` (the default) the model is built
+    under ``torch.inference_mode()``, as ComfyUI's executor builds every model, so its weights are inference
+    tensors that autograd cannot save.
     """
+    with torch.inference_mode(inference):
+        return _build_tiny(family, prediction, seed, size, std, dtype, manual_cast)
+
+
+def _build_tiny(family, prediction, seed, size, std, dtype, manual_cast):
     import_comfy()
     import comfy.model_base
     import comfy.model_patcher
@@ -159,7 +166,57 @@ def taesd_vae(family: str = "sd15"):
             sd[f"taesd_{part}.{k}"] = v
     sd["vae_scale"] = torch.tensor(0.13025 if family == "sdxl" else 0.18215)
     sd["vae_shift"] = torch.tensor(0.0)
-    return comfy.sd.VAE(sd=sd)
+    with torch.inference_mode():  # as VAELoader runs inside ComfyUI's executor
+        return comfy.sd.VAE(sd=sd)
+
+
+def build_tiny_controlnet(family: str = "sd15", seed: int = 7, std: float = 0.04):
+    """A ``comfy.controlnet.ControlNet`` whose control model matches :func:`build_tiny`'s UNet, random weights
+    (zero convolutions included, so it changes the prediction), built under ``torch.inference_mode()`` as
+    ControlNetLoader builds it; apply it with the stock Apply ControlNet nodes and a hint IMAGE."""
+    import_comfy()
+    import comfy.cldm.cldm
+    import comfy.controlnet
+    import comfy.ops
+
+    config = _unet_config(family)
+    config.pop("out_channels")
+    config.update(hint_channels=3, operations=comfy.ops.disable_weight_init, dtype=torch.float32,
+                  device=torch.device("cpu"))
+    with torch.inference_mode():
+        control_model = comfy.cldm.cldm.ControlNet(**config)
+        init_random(control_model, seed, std)
+        return comfy.controlnet.ControlNet(control_model, load_device=torch.device("cpu"))
+
+
+class _TinyAdapterNet(torch.nn.Module):
+    """A T2I adapter body for :func:`build_tiny`'s SD1.5 UNet: plain torch layers, as ComfyUI's ``Adapter`` has,
+    with one feature for each of the UNet's two resolutions (``input`` residuals popped from the end)."""
+
+    unshuffle_amount = 8
+
+    def __init__(self):
+        super().__init__()
+        self.unshuffle = torch.nn.PixelUnshuffle(8)
+        self.conv_in = torch.nn.Conv2d(3 * 64, 32, 3, padding=1)
+        self.down = torch.nn.Conv2d(32, 64, 3, stride=2, padding=1)
+
+    def forward(self, x):
+        f0 = self.conv_in(self.unshuffle(x))
+        f1 = self.down(torch.nn.functional.silu(f0))
+        return {"input": [f1, None, f0, None]}
+
+
+def build_tiny_t2i_adapter(seed: int = 11, std: float = 0.04):
+    """A ``comfy.controlnet.T2IAdapter`` around :class:`_TinyAdapterNet` (random weights, built under inference
+    mode as ControlNetLoader builds a T2I adapter); apply it with the stock Apply ControlNet nodes."""
+    import_comfy()
+    import comfy.controlnet
+
+    with torch.inference_mode():
+        net = _TinyAdapterNet()
+        init_random(net, seed, std)
+        return comfy.controlnet.T2IAdapter(net, 3, 8, "nearest-exact", device=torch.device("cpu"))
 
 
 def random_sd_vae(seed: int = 0, std: float = 0.02):
