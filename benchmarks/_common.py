@@ -32,10 +32,11 @@ def device_name() -> str:
 
 class PeakMemory:
     """Peak memory during a block: on a GPU the CUDA allocator's peak above the block's start; on the CPU the
-    process's peak resident set size (absolute, polled every few ms), since the allocator keeps freed memory."""
+    process's peak resident set size (absolute, polled every few ms), since the allocator keeps freed memory.
+    ``extra_mb`` is the peak above the block's start on either device."""
 
     def __init__(self, interval: float = 0.005):
-        self.interval, self.peak_mb = interval, 0.0
+        self.interval, self.peak_mb, self.extra_mb = interval, 0.0, 0.0
 
     def __enter__(self):
         if torch.cuda.is_available():
@@ -63,11 +64,13 @@ class PeakMemory:
         if torch.cuda.is_available():
             torch.cuda.synchronize()
             self.peak_mb = (torch.cuda.max_memory_allocated() - self._base) / 2**20
+            self.extra_mb = self.peak_mb
         else:
             self._stop.set()
             self._thread.join()
             self._peak = max(self._peak, self._proc.memory_info().rss)
             self.peak_mb = self._peak / 2**20
+            self.extra_mb = (self._peak - self._base) / 2**20
         return False
 
 

@@ -77,6 +77,32 @@ def check_latent(model, samples: torch.Tensor, name: str = "latent") -> None:
         )
     if not torch.isfinite(samples).all():
         raise ValueError(f"{name} contains NaN/inf: re-encode the image (an fp16 VAE can overflow; use fp32/bf16)")
+    warn_if_off_native(model, samples)
+
+
+# The image side each family was trained at (its latent side is this / 8): a latent of far another size is slow and
+# out of the model's training distribution.
+NATIVE_SIDE = {"SD15": 512, "SDXL": 1024, "SDXL_Playground_2_5": 1024, "SD3": 1024, "Flux": 1024}
+_warned_sizes: set = set()
+
+
+def warn_if_off_native(model, samples: torch.Tensor) -> None:
+    """Log once per family and size when a latent's area is over 2.5x or under a quarter of the model's native
+    one (e.g. a 4000x3000 phone photo VAE-encoded as it is)."""
+    family = model_family(model)
+    side = NATIVE_SIDE.get(family)
+    if side is None:
+        return
+    pixels = samples.shape[-2] * samples.shape[-1] * SPATIAL_RATIO**2
+    key = (family, tuple(samples.shape[-2:]))
+    if 0.25 <= pixels / side**2 <= 2.5 or key in _warned_sizes:
+        return
+    _warned_sizes.add(key)
+    log.warning(
+        "the latent is %dx%d pixels, far from %s's native %dx%d: scale the photo first (e.g. ImageScaleToTotalPixels, "
+        "%.2f megapixels) or expect a slow edit the model was not trained for",
+        samples.shape[-1] * SPATIAL_RATIO, samples.shape[-2] * SPATIAL_RATIO, family, side, side, side**2 / 2**20,
+    )
 
 
 def match_image_to_latent(image: torch.Tensor, latent_hw: tuple[int, int], batch: int, ratio: int) -> torch.Tensor:

@@ -33,6 +33,28 @@ PERCEPTUAL_WINDOW = (0.2, 0.8)
 PERCEPTUAL_STRENGTH = 0.1  # step "normalized", target "x0": RMS correction of the x0 prediction; tooltip: 0.05-0.15
 SOURCE, EDIT = "a cat sitting on a sofa", "a tiger sitting on a sofa"
 
+# Model files each workflow names, with the download the frontend's missing-models dialog offers (it accepts
+# huggingface.co / civitai.com .safetensors links). Checkpoints ride on their loader node (the frontend lists a
+# node's ``properties.models`` entry when the name is one of its widget values); the TAESD decoder, which no node
+# names in a widget, is a workflow-level ``models`` entry.
+CHECKPOINTS = {
+    "sd15": {"name": "v1-5-pruned-emaonly-fp16.safetensors", "directory": "checkpoints",
+             "url": "https://huggingface.co/Comfy-Org/stable-diffusion-v1-5-archive/resolve/main/"
+                    "v1-5-pruned-emaonly-fp16.safetensors?download=true"},
+    "sdxl": {"name": "sd_xl_base_1.0.safetensors", "directory": "checkpoints",
+             "url": "https://huggingface.co/stabilityai/stable-diffusion-xl-base-1.0/resolve/main/"
+                    "sd_xl_base_1.0.safetensors?download=true"},
+}
+TAESD = {
+    "sd15": {"name": "taesd_decoder.safetensors", "directory": "vae_approx",
+             "url": "https://huggingface.co/madebyollin/taesd/resolve/main/taesd_decoder.safetensors"},
+    "sdxl": {"name": "taesdxl_decoder.safetensors", "directory": "vae_approx",
+             "url": "https://huggingface.co/madebyollin/taesdxl/resolve/main/taesdxl_decoder.safetensors"},
+}
+# The photo is scaled to the model's working size before anything else (ImageScaleToTotalPixels keeps its aspect;
+# VAE Encode then crops each side to a multiple of 8): SD1.5 about 512x512 pixels, SDXL about 1024x1024.
+MEGAPIXELS = {"sd15": 0.25, "sdxl": 1.0}  # the node counts 1024 x 1024 pixels as one megapixel
+
 
 def is_widget(spec) -> bool:
     return isinstance(spec[0], list) or spec[0] in WIDGET_TYPES
@@ -59,16 +81,18 @@ def default_of(spec):
 class Graph:
     """Nodes and links in UI format; positions are assigned by column when the graph is written."""
 
-    def __init__(self):
+    def __init__(self, models: list[dict] | None = None):
         self.nodes, self.links = [], []
+        self.models = list(models or [])  # workflow-level model files (see TAESD)
         self.place = {}  # node id -> (column, min y) or (column, dx, y) for a fixed spot right of a column's x
 
     def _new_id(self) -> int:
         return len(self.nodes) + 1
 
     def add(self, type_: str, col: int, y: float = 0, widgets: dict | None = None, title: str | None = None,
-            width: int = 300, height: int = 0, at: float | None = None) -> dict:
-        """A node of ``type_`` in column ``col`` at or below ``y`` (or at ``x(col) + at, y`` exactly)."""
+            width: int = 300, height: int = 0, at: float | None = None, models: list[dict] | None = None) -> dict:
+        """A node of ``type_`` in column ``col`` at or below ``y`` (or at ``x(col) + at, y`` exactly); ``models``:
+        the files it loads, for the frontend's missing-models dialog."""
         if type_ not in INFO:
             raise KeyError(f"{type_} is not in tests/data/object_info.json: add it to tools/snapshot_object_info.py")
         info = INFO[type_]
@@ -94,7 +118,8 @@ class Graph:
         need = max(len(inputs), len(outputs), 1) * SLOT_H + widget_h + 16
         node = {"id": self._new_id(), "type": type_, "pos": [0, 0], "size": [width, max(height, need)], "flags": {},
                 "order": len(self.nodes), "mode": 0, "inputs": inputs, "outputs": outputs,
-                "properties": {"Node name for S&R": type_}, "widgets_values": values}
+                "properties": {"Node name for S&R": type_, **({"models": models} if models else {})},
+                "widgets_values": values}
         if title and title != info.get("display_name"):
             node["title"] = title
         self.nodes.append(node)
@@ -152,7 +177,8 @@ class Graph:
             node["order"] = i
         return {"last_node_id": len(self.nodes), "last_link_id": len(self.links), "nodes": self.nodes,
                 "links": self.links, "groups": [], "config": {},
-                "extra": {"ds": {"scale": 0.6, "offset": [60, 320]}}, "version": 0.4}
+                "extra": {"ds": {"scale": 0.6, "offset": [60, 320]}},
+                **({"models": self.models} if self.models else {}), "version": 0.4}
 
     def _execution_order(self) -> list[dict]:
         """Nodes in a topological order (the frontend's ``order`` field); Notes first."""
@@ -168,10 +194,15 @@ class Graph:
 
 # --- building blocks --------------------------------------------------------------------------------------------------
 
-def loaders(g: Graph, ckpt: str, photo: str, steps: int = STEPS) -> dict:
-    """Columns 0-2: checkpoint, photo, three captions, VAE encode, sigmas, DDIM inversion, null-text inversion."""
-    ckpt_node = g.add("CheckpointLoaderSimple", 0, 0, {"ckpt_name": ckpt}, width=340)
-    image = g.add("LoadImage", 0, 0, {"image": photo}, title="Load Image (your photo)", width=340, height=380)
+def loaders(g: Graph, family: str, photo: str, steps: int = STEPS) -> dict:
+    """Columns 0-2: checkpoint, photo scaled to the model's size, three captions, VAE encode, sigmas, DDIM
+    inversion, null-text inversion."""
+    ckpt = CHECKPOINTS[family]
+    ckpt_node = g.add("CheckpointLoaderSimple", 0, 0, {"ckpt_name": ckpt["name"]}, width=340, models=[ckpt])
+    loaded = g.add("LoadImage", 0, 0, {"image": photo}, title="Load Image (your photo)", width=340, height=380)
+    image = g.add("ImageScaleToTotalPixels", 0, 0, {"upscale_method": "lanczos", "megapixels": MEGAPIXELS[family]},
+                  title="photo at the model's size", width=340)
+    g.link(loaded, "IMAGE", image, "image")
     encode = g.add("VAEEncode", 1, 0, width=360)
     g.link(image, "IMAGE", encode, "pixels")
     g.link(ckpt_node, "VAE", encode, "vae")
@@ -195,8 +226,8 @@ def loaders(g: Graph, ckpt: str, photo: str, steps: int = STEPS) -> dict:
     g.link(invert, "inversion", nti, "inversion")
     g.link(texts["null"], "CONDITIONING", nti, "null")
     g.link(texts["source"], "CONDITIONING", nti, "source")
-    return {"ckpt": ckpt_node, "image": image, "encode": encode, "sched": sched, "invert": invert, "nti": nti,
-            **texts}
+    return {"ckpt": ckpt_node, "loaded": loaded, "image": image, "encode": encode, "sched": sched,
+            "invert": invert, "nti": nti, **texts}
 
 
 def window(g: Graph, col: int, y: float, span: tuple[float, float], title: str) -> dict:
@@ -262,11 +293,15 @@ def save(g: Graph, image: dict, prefix: str, col: int, y: float = 0, title: str 
 
 # --- notes ------------------------------------------------------------------------------------------------------------
 
-def setup_note(family: str, ckpt_hint: str, res: str) -> str:
+def setup_note(family: str) -> str:
+    label, res = {"sd15": ("SD1.5", "512x512"), "sdxl": ("SDXL", "1024x1024")}[family]
     return (
-        f"PSEdit ({family}): edit a real photo with a caption, keep everything else.\n\n"
-        f"1. Load Checkpoint: {ckpt_hint}.\n"
-        f"2. Load Image: your photo, about {res} (other sizes work; it is cropped to a multiple of 8).\n"
+        f"PSEdit ({label}): edit a real photo with a caption, keep everything else.\n\n"
+        f"1. Load Checkpoint: an {label} checkpoint (the missing-models dialog offers {CHECKPOINTS[family]['name']} "
+        f"and the TAESD decoder the guidance uses).\n"
+        f"2. Load Image: your photo, any size: 'photo at the model's size' scales it to about {res} pixels' worth "
+        f"({MEGAPIXELS[family]} megapixels in that node's units), keeping its aspect; VAE Encode then crops each side "
+        "to a multiple of 8. Larger photos cost far more time and the model was not trained for them.\n"
         "3. source caption: what the photo shows. edit caption: the same sentence with the words to change "
         "(\"cat\" -> \"tiger\"). Leave the null caption empty.\n"
         "4. Queue. DDIM Invert turns the photo into the starting latent; Null-Text Inversion fits one null embedding "
@@ -284,17 +319,19 @@ def knobs_note(taesd: str) -> str:
         "(the paper's first 20 of 50); plain CFG on the edit caption after that.\n"
         f"- Perceptual Guidance strength {PERCEPTUAL_STRENGTH} (0.05-0.15 typical; 0 = off) pulls the result toward "
         f"the photo by LPIPS in its window ({PERCEPTUAL_WINDOW[0]}-{PERCEPTUAL_WINDOW[1]}). decoder 'taesd' needs "
-        f"{taesd}_decoder.safetensors in models/vae_approx (or choose 'vae': exact, much slower). The LPIPS "
-        "trunk (e.g. vgg16-397923af.pth) goes in models/lpips, or is downloaded once (see the README)."
+        f"{taesd}_decoder.safetensors in models/vae_approx (offered when the workflow loads; or choose 'vae': "
+        "exact, much slower). The LPIPS trunk (e.g. vgg16-397923af.pth) is downloaded once by torchvision, or put "
+        "it in models/lpips offline (see the README)."
     )
 
 
 # --- workflows --------------------------------------------------------------------------------------------------------
 
-def edit_workflow(family: str, ckpt: str, ckpt_hint: str, res: str, taesd: str, masked: bool = False) -> dict:
-    g = Graph()
-    s = loaders(g, ckpt, "example.png")
-    g.note(setup_note(family, ckpt_hint, res), 0, -300, width=760, height=240)
+def edit_workflow(family: str, masked: bool = False) -> dict:
+    g = Graph(models=[TAESD[family]])
+    s = loaders(g, family, "example.png")
+    taesd = TAESD[family]["name"].split("_")[0]
+    g.note(setup_note(family), 0, -300, width=760, height=240)
     guider = triple(g, s, 3, 0, beta=BETA, span=TEXT_WINDOW)
     mask = None
     if masked:
@@ -315,24 +352,33 @@ def edit_workflow(family: str, ckpt: str, ckpt_hint: str, res: str, taesd: str, 
     save(g, decode, f"psedit_{'masked_' if masked else ''}edit", 7)
     g.note(knobs_note(taesd), 3, -300, width=730, height=240)
     if masked:
+        # A painted mask goes through the photo's own scaling, so it lands where it was painted.
+        painted = g.add("MaskToImage", 0, 0, title="your painted mask (optional)", width=340)
+        g.link(s["loaded"], "MASK", painted, "mask")
+        scaled = g.add("ImageScaleToTotalPixels", 0, 0, {"upscale_method": "area", "megapixels": MEGAPIXELS[family]},
+                       title="mask at the photo's size", width=340)
+        g.link(painted, "IMAGE", scaled, "image")
+        back = g.add("ImageToMask", 0, 0, {"channel": "red"}, title="painted mask: connect to Edit Mask's mask",
+                     width=340)
+        g.link(scaled, "IMAGE", back, "image")
         g.note("Edit mask: white where the edit may change the photo, estimated from where the edit and source "
                "captions disagree in the first steps (probe_end). Lower threshold = larger region; blur softens "
                "its edge. To use your own, paint a mask in Load Image (right-click > Open in MaskEditor) and connect "
-               "Load Image's MASK to Edit Mask's mask input (it is then passed through). Perceptual guidance then "
-               "pulls only the area outside the mask toward the photo.", 5, -300, width=720, height=240, at=0)
+               "the MASK of 'painted mask: connect to Edit Mask's mask' (bottom left: the mask scaled exactly as the "
+               "photo) to Edit Mask's mask input (it is then passed through). Perceptual guidance then pulls only "
+               "the area outside the mask toward the photo.", 5, -300, width=720, height=240, at=0)
     return g.to_json()
 
 
 def ablation_workflow() -> dict:
-    g = Graph()
-    s = loaders(g, "v1-5-pruned-emaonly.safetensors", "example.png")
+    g = Graph(models=[TAESD["sd15"]])
+    s = loaders(g, "sd15", "example.png")
     g.note("The paper's Figure 3 as one graph (arXiv 2312.06680): one DDIM inversion and one null-text inversion "
            "feed three edits of the same photo, saved side by side.\n"
            "1. Null-text: plain CFG on the edit caption (beta = gamma, no window) with the null-text schedule.\n"
            f"2. Text optimization: triple guidance (gamma {GAMMA}, beta {BETA}) in the first 40% of the steps.\n"
            "3. Perceptual + text optimization: guider 2 wrapped by LPIPS guidance toward the photo in steps "
-           "20-80%.\n\n" + setup_note("SD1.5", "an SD1.5 checkpoint (e.g. v1-5-pruned-emaonly)", "512x512")
-           .split("\n\n", 1)[1], 0, -420, width=1100, height=360)
+           "20-80%.\n\n" + setup_note("sd15").split("\n\n", 1)[1], 0, -420, width=1100, height=360)
     nulltext = triple(g, s, 3, 0, beta=GAMMA, span=None, title="1. Null-text (plain CFG on the edit)")
     textopt = triple(g, s, 3, 260, beta=BETA, span=TEXT_WINDOW, title="2. Text optimization")
     noise, sampler = noise_and_sampler(g, 4, 0)
@@ -362,15 +408,10 @@ def ablation_workflow() -> dict:
 
 
 WORKFLOWS = {
-    "psedit_edit_sd15": lambda: edit_workflow(
-        "SD1.5", "v1-5-pruned-emaonly.safetensors", "an SD1.5 checkpoint (e.g. v1-5-pruned-emaonly)", "512x512",
-        "taesd"),
+    "psedit_edit_sd15": lambda: edit_workflow("sd15"),
     "psedit_ablation_sd15": ablation_workflow,
-    "psedit_edit_sdxl": lambda: edit_workflow(
-        "SDXL", "sd_xl_base_1.0.safetensors", "an SDXL checkpoint (e.g. sd_xl_base_1.0)", "1024x1024", "taesdxl"),
-    "psedit_masked_edit_sd15": lambda: edit_workflow(
-        "SD1.5", "v1-5-pruned-emaonly.safetensors", "an SD1.5 checkpoint (e.g. v1-5-pruned-emaonly)", "512x512",
-        "taesd", masked=True),
+    "psedit_edit_sdxl": lambda: edit_workflow("sdxl"),
+    "psedit_masked_edit_sd15": lambda: edit_workflow("sd15", masked=True),
 }
 
 

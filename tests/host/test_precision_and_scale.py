@@ -126,3 +126,84 @@ def test_windows_and_null_schedule_make_few_scalar_reads_per_model_call(record_p
     record_property("scalar_reads", counts)
     # measured: stock 2 reads in 20 calls; triple with window and null schedule 42, 2 per call (was 105+ per call)
     assert per_call <= 3, counts
+
+
+# --- weights ComfyUI keeps on the offload device (lowvram) -----------------------------------------------------------
+
+@pytest.fixture
+def lowvram(monkeypatch):
+    """ComfyUI's low-VRAM partial loading, forced on the CPU: load_models_gpu treats the device as a GPU with no
+    room (``NO_VRAM``), so every layer keeps its weight on the offload device and casts it per forward (the path a
+    GPU takes when the model does not fit)."""
+    import comfy.model_management as mm
+
+    mm.unload_all_models()
+    monkeypatch.setattr(mm, "vram_state", mm.VRAMState.NO_VRAM)
+    monkeypatch.setattr(mm, "is_device_cpu", lambda device: False)
+    loaded = []
+    real = mm.LoadedModel.model_load
+
+    def record(self, lowvram_model_memory=0, force_patch_weights=False):
+        loaded.append(lowvram_model_memory)
+        return real(self, lowvram_model_memory, force_patch_weights)
+
+    monkeypatch.setattr(mm.LoadedModel, "model_load", record)
+    yield loaded
+    mm.unload_all_models()
+
+
+def null_text_result(model, c, payload):
+    with torch.inference_mode():
+        nti = NullTextInversion.execute(model, payload, c["null"], c["source"], 7.5, "null-text", 3, 0.0, 0.01)[0]
+    return torch.stack([cond[0][0] for cond in nti.conds])
+
+
+def test_null_text_with_partially_loaded_weights_matches_a_full_load(lowvram):
+    model, c = build(torch.float16, torch.float32), conds()
+    latent, sigmas, inverted, payload = invert(model, c, size=16, steps=6)
+    partial = null_text_result(model, c, payload)
+    assert lowvram and all(0 < m < 1 for m in lowvram), lowvram  # every load was a partial (lowvram) one
+    lowvram.clear()
+    import comfy.model_management as mm
+
+    mm.unload_all_models()
+    mm.vram_state = mm.VRAMState.DISABLED  # restored by monkeypatch
+    full = null_text_result(model, c, payload)
+    assert lowvram and all(m == 0 for m in lowvram), lowvram
+    assert rel_err(partial, full) < 1e-5
+
+
+@pytest.mark.parametrize("dtype,manual_cast", [(torch.float16, None), (torch.bfloat16, None),
+                                               (torch.float16, torch.float32)],
+                         ids=["fp16", "bf16", "fp16-manual-cast"])
+def test_full_gradient_perceptual_guidance_in_half_precision_and_lowvram(lowvram, taesd_vae, dtype, manual_cast):
+    """Perceptual guidance 'full' differentiates a half-precision UNet whose weights stay on the offload device:
+    finite, and it moves the result (the gradient reached the latent)."""
+    from psedit_pack.nodes.guidance import PerceptualGuidanceNode
+
+    tiny.register_shared_weights()
+    model, c = build(dtype, manual_cast), conds()
+    latent, sigmas, inverted, payload = invert(model, c, size=8, steps=6)
+    image = tiny.photo(64)
+    with torch.inference_mode():
+        triple = TripleGuiderNode.execute(model, c["null"], c["source"], c["edit"], 7.5, 3.0)[0]
+        guided = PerceptualGuidanceNode.execute(triple, taesd_vae, image, 0.3, "alex", "full", "taesd",
+                                                "normalized")[0]
+    plain, corrected = sample(triple, inverted, sigmas), sample(guided, inverted, sigmas)
+    assert lowvram and all(0 < m < 1 for m in lowvram), lowvram
+    assert torch.isfinite(corrected).all()
+    assert rel_err(corrected, plain) > 1e-2
+
+
+def test_a_latent_far_from_the_native_size_is_logged_once(caplog):
+    """Over 2.5x or under a quarter of the native area warns, once per size (a 4000x3000 photo is 46x)."""
+    model, c = build(torch.float32), conds()
+    small = {"samples": torch.randn(1, 4, 16, 24)}  # 192x128 pixels: a tenth of SD1.5's 512x512
+    with torch.inference_mode():
+        sigmas = ncs.BasicScheduler().get_sigmas(model, "normal", 2, 1.0)[0]
+        with caplog.at_level("WARNING"):
+            DDIMInvert.execute(model, small, sigmas, c["source"], 1.0, 0)
+            DDIMInvert.execute(model, small, sigmas, c["source"], 1.0, 0)
+            DDIMInvert.execute(model, {"samples": torch.randn(1, 4, 32, 48)}, sigmas, c["source"], 1.0, 0)  # 0.38x
+    warnings = [r.getMessage() for r in caplog.records if "native" in r.getMessage()]
+    assert len(warnings) == 1 and "192x128" in warnings[0] and "ImageScaleToTotalPixels" in warnings[0], warnings

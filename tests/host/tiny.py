@@ -94,12 +94,12 @@ def build_tiny(family: str = "sd15", prediction: str = "eps", seed: int = 0, siz
                dtype: torch.dtype = torch.float32, manual_cast: torch.dtype | None = None, inference: bool = True):
     """A ModelPatcher around an SD1.5- or SDXL-architecture UNet with deterministic random weights.
 
-    ``size="full"`` builds the full SD1.5 UNet (860 M parameters) for benchmarks. ``dtype`` is the weights'
-    storage dtype and ``manual_cast`` the compute dtype when it differs (ComfyUI's manual cast: fp16 weights
-    computed in fp32, or, with ``manual_cast=None``, half-precision kernels as on a GPU). The weights are drawn in
-    fp32 and then cast, so every dtype holds the same model. With ``inference`` (the default) the model is built
-    under ``torch.inference_mode()``, as ComfyUI's executor builds every model, so its weights are inference
-    tensors that autograd cannot save.
+    ``size="full"`` builds the full SD1.5 UNet (860 M parameters) or SDXL UNet (2.6 B) for benchmarks. ``dtype``
+    is the weights' storage dtype and ``manual_cast`` the compute dtype when it differs (ComfyUI's manual cast: fp16
+    weights computed in fp32, or, with ``manual_cast=None``, half-precision kernels as on a GPU). The weights are
+    drawn in fp32 and then cast, so every dtype holds the same model (full size: drawn in the storage dtype). With
+    ``inference`` (the default) the model is built under ``torch.inference_mode()``, as ComfyUI's executor builds
+    every model, so its weights are inference tensors that autograd cannot save.
     """
     with torch.inference_mode(inference):
         return _build_tiny(family, prediction, seed, size, std, dtype, manual_cast)
@@ -111,7 +111,16 @@ def _build_tiny(family, prediction, seed, size, std, dtype, manual_cast):
     import comfy.model_patcher
     import comfy.supported_models
 
-    if size == "full":
+    if size == "full" and family == "sdxl":
+        unet = dict(
+            model_channels=320, channel_mult=[1, 2, 4], num_res_blocks=[2, 2, 2],
+            transformer_depth=[0, 0, 2, 2, 10, 10], transformer_depth_output=[0, 0, 0, 2, 2, 2, 10, 10, 10],
+            transformer_depth_middle=10, use_linear_in_transformer=True, use_spatial_transformer=True, legacy=False,
+            in_channels=4, out_channels=4, use_checkpoint=False, use_temporal_attention=False,
+            use_temporal_resblock=False, num_heads=-1, num_head_channels=64, image_size=32, context_dim=2048,
+            adm_in_channels=2816, num_classes="sequential",
+        )
+    elif size == "full":
         unet = dict(
             model_channels=320, channel_mult=[1, 2, 4, 4], num_res_blocks=[2, 2, 2, 2],
             transformer_depth=[1, 1, 1, 1, 1, 1, 0, 0], transformer_depth_output=[1, 1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0],
@@ -128,7 +137,7 @@ def _build_tiny(family, prediction, seed, size, std, dtype, manual_cast):
     model_type = comfy.model_base.ModelType.V_PREDICTION if prediction == "v" else comfy.model_base.ModelType.EPS
     model_cls = comfy.model_base.SDXL if family == "sdxl" else comfy.model_base.BaseModel
     model = model_cls(model_config, model_type=model_type)
-    if dtype == torch.float32:
+    if dtype == torch.float32 or size == "full":  # full size: drawn in the storage dtype (no fp32 twin in memory)
         init_random(model, seed, std)
     else:
         reference = model_cls(model_config, model_type=model_type).float()

@@ -40,6 +40,9 @@ def checkpoint(tmp_path_factory):
 
 
 STEPS, INNER_ITERATIONS, TIMEOUT_S = 4, 2, 1500
+# The workflow scales the photo to SD1.5's 512x512 area; here to 64x64's, so a 256x192 "phone photo" becomes
+# 74x55, which VAE Encode crops to 72x48.
+MEGAPIXELS, PHOTO_SIZE, EDIT_SHAPE = 64 * 64 / 2**20, (256, 192), (48, 72, 3)
 
 
 def api_prompt(ckpt_name: str, photo: str) -> dict:
@@ -49,7 +52,8 @@ def api_prompt(ckpt_name: str, photo: str) -> dict:
     workflow = json.loads((repo / "example_workflows" / "psedit_edit_sd15.json").read_text())
     prompt = ui_to_api(workflow, object_info)
     changes = {"CheckpointLoaderSimple": {"ckpt_name": ckpt_name}, "LoadImage": {"image": photo},
-               "BasicScheduler": {"steps": STEPS}, "PSEditNullTextInversion": {"inner_iterations": INNER_ITERATIONS}}
+               "BasicScheduler": {"steps": STEPS}, "PSEditNullTextInversion": {"inner_iterations": INNER_ITERATIONS},
+               "ImageScaleToTotalPixels": {"megapixels": MEGAPIXELS}}
     for node in prompt.values():
         for name, value in changes.get(node["class_type"], {}).items():
             assert name in node["inputs"], (node["class_type"], name)
@@ -64,7 +68,8 @@ def test_edit_workflow_runs_on_server(tmp_path, checkpoint):
     checkpoints.mkdir(parents=True)
     (checkpoints / checkpoint.name).symlink_to(checkpoint)
     server.extra_model_paths({"vae_approx": tiny.WEIGHTS / "taesd", "lpips": tiny.WEIGHTS / "lpips"})
-    Image.fromarray((tiny.photo(64)[0].numpy() * 255).astype(np.uint8)).save(server.base / "input" / "photo.png")
+    photo = Image.fromarray((tiny.photo(256)[0].numpy() * 255).astype(np.uint8)).resize(PHOTO_SIZE)
+    photo.save(server.base / "input" / "photo.png")
     prompt = api_prompt(checkpoint.name, "photo.png")
 
     server.start()
@@ -86,7 +91,7 @@ def test_edit_workflow_runs_on_server(tmp_path, checkpoint):
     path = server.base / "output" / saved[0].get("subfolder", "") / saved[0]["filename"]
     assert path.is_file(), server.log()[-3000:]
     image = np.asarray(Image.open(path).convert("RGB")).astype(np.float32)
-    assert image.shape == (64, 64, 3)
+    assert image.shape == EDIT_SHAPE
     assert np.isfinite(image).all() and image.std() > 1.0, "the edit came out constant"
     log = server.log()
     assert "Adding extra search path lpips" in log and "Adding extra search path vae_approx" in log

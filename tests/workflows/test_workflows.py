@@ -144,7 +144,8 @@ def test_ablation_is_figure_3():
         while grid["type"] == "ImageBatch":
             chain.append(source_of(wf, grid, "image2"))
             grid = source_of(wf, grid, "image1")
-        assert grid["type"] == "LoadImage" and len(chain) == 3
+        assert grid["type"] == "ImageScaleToTotalPixels" and len(chain) == 3
+        assert source_of(wf, grid, "image")["type"] == "LoadImage"
 
 
 def test_sdxl_workflow_says_what_it_needs():
@@ -159,6 +160,51 @@ def test_notes_name_what_to_set(path):
     notes = " ".join(n["widgets_values"][0] for n in nodes_of(load(path), "Note")).lower()
     for word in ("checkpoint", "photo", "source caption", "edit caption", "beta", "strength", "window"):
         assert word in notes, word
+
+
+ALLOWED_DOWNLOADS = ("https://huggingface.co/", "https://civitai.com/")  # the frontend's missing-models dialog
+
+
+@pytest.mark.parametrize("path", WORKFLOWS, ids=lambda p: p.stem)
+def test_workflow_declares_its_model_files(path):
+    """The frontend offers a download for a node's ``properties.models`` entry whose name is one of its widget
+    values, and for every workflow-level ``models`` entry; it accepts huggingface.co / civitai.com .safetensors."""
+    wf = load(path)
+    loader = node_of(wf, "CheckpointLoaderSimple")
+    declared = loader["properties"]["models"]
+    assert [m["name"] for m in declared] == [widgets(loader)["ckpt_name"]]
+    taesd = "taesdxl_decoder.safetensors" if "sdxl" in path.stem else "taesd_decoder.safetensors"
+    assert [(m["name"], m["directory"]) for m in wf["models"]] == [(taesd, "vae_approx")]
+    for m in declared + wf["models"]:
+        assert m["url"].startswith(ALLOWED_DOWNLOADS) and m["name"].endswith(".safetensors"), m
+        assert m["url"].split("?")[0].endswith("/" + m["name"]), m
+    assert declared[0]["directory"] == "checkpoints"
+
+
+@pytest.mark.parametrize("path", WORKFLOWS, ids=lambda p: p.stem)
+def test_the_photo_is_scaled_to_the_model_before_anything_uses_it(path):
+    """A 4000x3000 phone photo must not reach the model at that size: everything that reads the photo reads it
+    through ImageScaleToTotalPixels at the family's working area (SD1.5 512x512, SDXL 1024x1024)."""
+    wf = load(path)
+    scale = source_of(wf, node_of(wf, "VAEEncode"), "pixels")
+    assert scale["type"] == "ImageScaleToTotalPixels" and source_of(wf, scale, "image")["type"] == "LoadImage"
+    side = 1024 if "sdxl" in path.stem else 512
+    assert widgets(scale)["megapixels"] * 1024 * 1024 == side * side  # the node's megapixel is 1024 x 1024
+    for n in nodes_of(wf, "PSEditPerceptualGuidance"):
+        assert source_of(wf, n, "image") is scale
+    load_image = node_of(wf, "LoadImage")
+    readers = [link[3] for link in wf["links"] if link[1] == load_image["id"] and link[2] == 0]
+    assert readers == [scale["id"]]
+
+
+def test_masked_workflow_scales_a_painted_mask_as_the_photo():
+    wf = load("psedit_masked_edit_sd15")
+    to_mask = node_of(wf, "ImageToMask")
+    scale = source_of(wf, to_mask, "image")
+    photo_scale = source_of(wf, node_of(wf, "VAEEncode"), "pixels")
+    assert scale["type"] == "ImageScaleToTotalPixels" and scale is not photo_scale
+    assert widgets(scale)["megapixels"] == widgets(photo_scale)["megapixels"]
+    assert source_of(wf, source_of(wf, scale, "image"), "mask")["type"] == "LoadImage"
 
 
 def test_masked_workflow_uses_the_mask():
