@@ -1,4 +1,5 @@
-"""Round-trip error of DDIM inversion, plain vs fixed-point refined, on the analytic Gaussian model.
+"""Round-trip error of DDIM inversion, plain vs fixed-point refined, in both step conventions (the prediction at the
+step's start, or at its target noise level on the rescaled latent), on the analytic Gaussian model.
 
     python benchmarks/inversion_roundtrip.py [--steps 10 25 50] [--refine 0 1 3 10]
 
@@ -14,7 +15,7 @@ import time
 import torch
 
 from psedit_core.analytic import GaussianData
-from psedit_core.inversion import ddim_invert, euler_sample
+from psedit_core.inversion import CONVENTIONS, ddim_invert, euler_sample
 
 
 def karras(n: int, sigma_min=0.0292, sigma_max=14.6146, rho=7.0) -> torch.Tensor:
@@ -34,18 +35,20 @@ def main() -> None:
                          0.5 + torch.rand(1, 4, 64, 64, generator=g, dtype=torch.float64))
     x0 = model.sample((1, 4, 64, 64), g)
     print("analytic Gaussian model, latent 1x4x64x64, float64, Karras schedule sigma 14.61 -> 0.029 -> 0")
-    print(f"{'steps':>5} {'refine':>6} {'round-trip RMS':>15} {'vs exact ODE (rel)':>19} {'time s':>7}")
+    print(f"{'steps':>5} {'refine':>6} {'convention':>10} {'round-trip RMS':>15} {'vs exact ODE (rel)':>19} "
+          f"{'time s':>7}")
     for n in args.steps:
         sigmas = karras(n)
         exact = model.flow(x0, 0.0, float(sigmas[0]))
         for r in args.refine:
-            t = time.perf_counter()
-            inv = ddim_invert(model.denoiser, x0, sigmas, refine=r)
-            rec = euler_sample(model.denoiser, inv.inverted, sigmas)
-            dt = time.perf_counter() - t
-            rt = (rec - x0).pow(2).mean().sqrt().item()
-            rel = ((inv.inverted - exact).norm() / (exact - model.mu).norm()).item()
-            print(f"{n:>5} {r:>6} {rt:>15.3e} {rel:>19.3e} {dt:>7.3f}")
+            for convention in CONVENTIONS:
+                t = time.perf_counter()
+                inv = ddim_invert(model.denoiser, x0, sigmas, refine=r, convention=convention)
+                rec = euler_sample(model.denoiser, inv.inverted, sigmas)
+                dt = time.perf_counter() - t
+                rt = (rec - x0).pow(2).mean().sqrt().item()
+                rel = ((inv.inverted - exact).norm() / (exact - model.mu).norm()).item()
+                print(f"{n:>5} {r:>6} {convention:>10} {rt:>15.3e} {rel:>19.3e} {dt:>7.3f}")
 
 
 if __name__ == "__main__":

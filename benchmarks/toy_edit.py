@@ -4,7 +4,7 @@
 
 For ``--n`` held-out scenes and edits (colour, shape, background, toward an unseen colour x shape pair, in turn;
 ``psedit_toy.edits``), every row below shares one DDIM inversion (refine 2) of the source photo's TAESD latent
-and the workflow defaults (50 steps, gamma 7.5, beta 3, text window 0-0.4, perceptual strength 0.1 normalized
+and the workflow defaults (50 steps, gamma 7.5, beta 3, text window 0-0.4, perceptual strength 1.0 normalized
 in 0.2-0.8, vgg LPIPS through TAESD, 10 null-text iterations):
 
 | config | what runs |
@@ -21,8 +21,8 @@ classifiers), PSNR and LPIPS (AlexNet) outside the ground-truth edit region and 
 against the source photo; mask_iou of the estimated Edit Mask with the true region; seconds per edit (inversion,
 null-text or negative-prompt, mask estimate and sampling: what that row costs from the photo). Writes
 ``table.csv`` / ``table.md`` (one row per config), ``edits.csv`` (one row per edit and config), a grid PNG per
-edit, and unless ``--sweep-n 0`` a sweep over beta and perceptual strength on the first edits (``sweep.csv``,
-``sweep.png``: edit success against preserved-background PSNR).
+edit, and unless ``--sweep-n 0`` a sweep over beta and perceptual strength (target x0, and target latent) on the
+first edits (``sweep.csv``, ``sweep.png``: edit success against preserved-background PSNR).
 """
 
 from __future__ import annotations
@@ -38,6 +38,7 @@ import torch
 from _common import device_name, table
 
 from psedit_cli.pipeline import Settings
+from psedit_core.perceptual import TARGETS
 from psedit_toy import edits as E
 from psedit_toy import run as R
 from psedit_toy import scenes as S
@@ -45,16 +46,34 @@ from psedit_toy.model import SHARED_TAESD
 
 COLUMNS = ["config", "edit_success", "bg_psnr", "bg_lpips", "psnr", "lpips", "mask_iou", "seconds"]
 BETAS = (0.0, 1.0, 2.0, 3.0, 5.0, 7.5)
-STRENGTHS = (0.05, 0.1, 0.2, 0.4)
+STRENGTHS = (0.1, 0.3, 1.0, 3.0)
+LATENT_STRENGTHS = (0.03, 0.1, 0.3)  # target "latent": the latent moves this far (RMS) every window step
 
 
 def run_row(world, inv, edit, config, s, metrics, src, masks, extra_seconds, target="x0"):
     t = time.perf_counter()
-    g = R.guider(config, world, inv, s, mask=masks.get(config), target=target)
+    g = row_guider(config, world, inv, edit, s, masks, target)
     img = R.sample(world, inv, g)
     row = metrics.row(edit, src, img)
     row["seconds"] = time.perf_counter() - t + extra_seconds
     return row, img
+
+
+# --- Prompt-to-Prompt and Plug-and-Play rows (issue 10) --------------------------------------------------------------
+# Opt-in: --configs p2p_replace p2p_refine pnp p2p_replace+perceptual p2p_refine+perceptual pnp+perceptual (and
+# p2p_replace_noblend / p2p_refine_noblend). psedit_toy/control_rows.py says what each runs; the node time (the local
+# blend's probe) counts in the row's seconds.
+
+def row_guider(config, world, inv, edit, s, masks, target):
+    """The GUIDER of one row: a control row from psedit_toy.control_rows, else the table's own rows."""
+    from psedit_toy import control_rows as CR
+
+    if config.split("+")[0].startswith(("p2p_", "pnp")):
+        return CR.guider(config, world, inv, edit, s, target=target)
+    return R.guider(config, world, inv, s, mask=masks.get(config), target=target)
+
+
+# --- end of the control rows ---------------------------------------------------------------------------------------
 
 
 def mean_rows(rows: list[dict], key: str) -> list[dict]:
@@ -85,13 +104,14 @@ def plot_sweep(rows: list[dict], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6, 4.5), dpi=120)
-    for family, marker in (("beta", "o"), ("strength", "s")):
+    for family, marker in (("beta", "o"), ("strength", "s"), ("latent strength", "^")):
         pts = [r for r in rows if r["family"] == family]
         if not pts:
             continue
         ax.plot([r["bg_psnr"] for r in pts], [r["edit_success"] for r in pts], marker=marker,
                 label={"beta": "triple guidance: beta (no perceptual)",
-                       "strength": "perceptual strength, x0 gradient (beta 3)"}[family])
+                       "strength": "perceptual strength, target x0 (beta 3)",
+                       "latent strength": "perceptual strength, target latent (beta 3)"}[family])
         for r in pts:
             ax.annotate(f"{r['value']:g}", (r["bg_psnr"], r["edit_success"]), fontsize=7,
                         textcoords="offset points", xytext=(3, 3))
@@ -112,7 +132,7 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=50)
     p.add_argument("--sweep-n", type=int, default=4, help="edits in the beta/strength sweep (0: no sweep)")
     p.add_argument("--configs", nargs="*", default=list(R.CONFIGS))
-    p.add_argument("--perceptual-target", choices=["x0", "noise"], default="x0",
+    p.add_argument("--perceptual-target", choices=list(TARGETS), default="x0",
                    help="Perceptual Guidance's target (the node's default is x0)")
     p.add_argument("--comfyui", default=None)
     a = p.parse_args()
@@ -158,10 +178,13 @@ def main() -> None:
               f"success {[int(r['edit_success']) for r in rows[-len(a.configs):]]} "
               f"mask IoU {iou:.2f} ({time.perf_counter() - t_all:.0f} s)", flush=True)
         if i < a.sweep_n:
-            variants = [("beta", b, "textopt", Settings(steps=a.steps, beta=b)) for b in BETAS]
-            variants += [("strength", v, "perceptual_x0", Settings(steps=a.steps, strength=v)) for v in STRENGTHS]
-            for family, value, config, sv in variants:
-                row, _ = run_row(world, inv, edit, config, sv, metrics, src, masks, 0.0, a.perceptual_target)
+            variants = [("beta", b, "textopt", Settings(steps=a.steps, beta=b), a.perceptual_target) for b in BETAS]
+            variants += [("strength", v, "perceptual_x0", Settings(steps=a.steps, strength=v), a.perceptual_target)
+                         for v in STRENGTHS]
+            variants += [("latent strength", v, "perceptual_x0", Settings(steps=a.steps, strength=v), "latent")
+                         for v in LATENT_STRENGTHS]
+            for family, value, config, sv, target in variants:
+                row, _ = run_row(world, inv, edit, config, sv, metrics, src, masks, 0.0, target)
                 row.update(family=family, value=value, edit=i)
                 sweep_rows.append(row)
     table_rows = mean_rows(rows, "config")

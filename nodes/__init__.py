@@ -4,13 +4,16 @@ from __future__ import annotations
 
 from comfy_api.latest import ComfyExtension, io
 
+from .control import AttentionControlNode, FeatureInjectionNode
+from .flux import FluxGuiderNode
 from .guidance import PerceptualGuidanceNode, StepWindowNode, TripleGuiderNode
-from .inversion import DDIMInvert
+from .inversion import DDIMInvert, InvertedNoiseNode
 from .masks import EditMask
 from .nulltext import NullTextInversion
 
 NODES: list[type[io.ComfyNode]] = [
     DDIMInvert, NullTextInversion, TripleGuiderNode, PerceptualGuidanceNode, StepWindowNode, EditMask,
+    InvertedNoiseNode, FluxGuiderNode, AttentionControlNode, FeatureInjectionNode,
 ]
 
 

@@ -16,6 +16,7 @@ import comfy.patcher_extension
 import comfy.utils
 import folder_paths
 import torch
+import torch.utils.checkpoint
 
 log = logging.getLogger(__name__)
 
@@ -35,11 +36,93 @@ def model_family(model) -> str:
 
 
 def context_dim(model) -> int | None:
-    return model.model.model_config.unet_config.get("context_dim")
+    """The width of the text token sequence the model takes (SD1.x 768, SDXL 2048, SD3 and Flux 4096 (T5-XXL))."""
+    unet_config = model.model.model_config.unet_config
+    embedder = (unet_config.get("context_embedder_config") or {}).get("params", {})  # SD3's MMDiT
+    return unet_config.get("context_dim") or embedder.get("in_features") or unet_config.get("context_in_dim")
+
+
+def pooled_dim(model) -> int | None:
+    """The width of the pooled text vector where the model takes it as it is (SD3: CLIP-L + CLIP-G, 2048; Flux:
+    CLIP-L, 768); None where it is part of a larger vector (SDXL adds size embeddings) or not used."""
+    unet_config = model.model.model_config.unet_config
+    if is_flow(model):
+        return unet_config.get("adm_in_channels") or unet_config.get("vec_in_dim")
+    return None
 
 
 def needs_pooled(model) -> bool:
-    return model.model.model_config.unet_config.get("adm_in_channels") is not None
+    unet_config = model.model.model_config.unet_config
+    return unet_config.get("adm_in_channels") is not None or unet_config.get("vec_in_dim") is not None
+
+
+# --- model families ----------------------------------------------------------------------------------------------
+#
+# The checkpoint families PSEdit has been shown to handle (tests/host: tiny models of each built from ComfyUI's own
+# classes), by ComfyUI's model config class; every other family (video and audio models, Stable Cascade, AuraFlow,
+# Flux Fill / schnell, Chroma, ...) stops at the first PSEdit node with a message that names these.
+SUPPORTED_MODELS = {"SD15": "SD1.x", "SD20": "SD2.x", "SDXL": "SDXL", "SD3": "SD3 / SD3.5", "Flux": "Flux.1 dev"}
+SUPPORTED_TEXT = "SD1.x, SD2.x, SDXL (also Playground v2.5), SD3 / SD3.5 and Flux.1 dev"
+
+
+def model_sampling(model):
+    return model.get_model_object("model_sampling")
+
+
+def is_flow(model) -> bool:
+    """Whether the model samples in the flow-matching parameterisation ``x = (1 - sigma) x0 + sigma eps``
+    (ComfyUI's ``CONST``: SD3 / SD3.5, Flux)."""
+    import comfy.model_sampling
+
+    return isinstance(model_sampling(model), comfy.model_sampling.CONST)
+
+
+def is_guidance_distilled(model) -> bool:
+    """Whether the guidance strength is an input of the model (Flux.1 dev) rather than a CFG over two predictions."""
+    return bool(model.model.model_config.unet_config.get("guidance_embed"))
+
+
+def check_supported(model, node: str) -> None:
+    """Raise, naming the supported families, unless ``model`` belongs to one PSEdit has been shown to handle: an
+    SD1.x/SD2.x/SDXL UNet with eps, v or EDM (Playground v2.5) prediction, or SD3 / Flux dev in flow matching."""
+    import comfy.model_sampling
+
+    name = type(model.model.model_config).__name__
+    sampling = model_sampling(model)
+    kind = type(sampling).__bases__[-1].__name__  # ModelSampling(schedule, prediction): EPS, V_PREDICTION, CONST...
+    flow_family = name in ("SD3", "Flux")
+    fits = isinstance(sampling, comfy.model_sampling.CONST if flow_family else comfy.model_sampling.EPS)
+    if name in SUPPORTED_MODELS and fits and getattr(latent_format(model), "latent_dimensions", 2) == 2:
+        return
+    raise ValueError(
+        f"{node} supports {SUPPORTED_TEXT} checkpoints; this MODEL is {name} ({model_family(model)} latents, {kind} "
+        "prediction), a family PSEdit has not been shown to handle: load a checkpoint of one of those families"
+    )
+
+
+def inversion_input_scale(model):
+    """``s(sigma_from, sigma_to)`` of DDIM inversion's target convention (psedit_core.inversion eq. 4-5) from the
+    model's own input scaling ``c_in`` (``calculate_input``): ``c_in(sigma_from) / c_in(sigma_to)``, so the model
+    sees the same input at the target level (eps/v: ``sqrt((1 + sigma_to^2) / (1 + sigma_from^2))``; flow: 1)."""
+    sampling = model_sampling(model)
+
+    def scale(sigma_from: torch.Tensor, sigma_to: torch.Tensor) -> torch.Tensor:
+        one = torch.ones((), dtype=torch.float32, device=sigma_to.device)
+        return sampling.calculate_input(sigma_from, one) / sampling.calculate_input(sigma_to, one)
+
+    return scale
+
+
+def check_flow_handover(model, noise: torch.Tensor, sigmas: torch.Tensor) -> None:
+    """Raise where a flow model would start sampling from nothing: at ``sigma = 1`` ComfyUI's ``noise_scaling`` is
+    ``sigma * noise + (1 - sigma) * latent_image``, so DisableNoise with DDIM Invert's LATENT starts from zeros."""
+    if not is_flow(model) or sigmas.numel() < 2 or float(sigmas[0]) < 1.0 - 1e-6 or noise.any():
+        return
+    raise ValueError(
+        "this flow model (SD3 / Flux) would start sampling from an all-zero latent: at sigma 1 ComfyUI replaces "
+        "latent_image by the noise, so DisableNoise hands the inverted latent over as nothing. Connect PSEdit Inverted "
+        "Noise (from DDIM Invert's inversion) to SamplerCustomAdvanced's noise instead of DisableNoise"
+    )
 
 
 def sample_sigmas(model_options: dict) -> torch.Tensor | None:
@@ -65,6 +148,13 @@ def check_conditioning(model, conditioning, name: str) -> None:
             raise ValueError(
                 f"{name} conditioning has no pooled output, which this {model_family(model)} model needs: "
                 "encode it with this checkpoint's CLIPTextEncode"
+            )
+        pooled = pooled_dim(model)
+        if pooled is not None and extra["pooled_output"].shape[-1] != pooled:
+            raise ValueError(
+                f"{name} conditioning has a pooled output of width {extra['pooled_output'].shape[-1]} but this "
+                f"{model_family(model)} model expects {pooled}: encode the prompt with the CLIP of the same checkpoint "
+                "as the MODEL"
             )
 
 
@@ -131,8 +221,10 @@ def run_in_sampler(model, positive, negative, cfg: float, latent: torch.Tensor, 
     """Run ``fn(model_k, x, sigmas, extra_args, store)`` as a custom sampler inside ``CFGGuider.sample``.
 
     ComfyUI then loads the model, prepares the conditionings, applies model patches and converts ``latent`` (raw
-    VAE latent) to model space, exactly as for sampling. Returns what ``fn`` returned (a model-space latent),
-    converted back to a raw latent, and the dict ``store`` that ``fn`` filled.
+    VAE latent) to model space, exactly as for sampling. ``fn`` gets that model-space latent itself (for flow models
+    the sampler's own start, ``noise_scaling``'s ``(1 - sigma_0) * latent``, is not it). Returns what ``fn`` returned
+    (a model-space latent), converted back to a raw latent (``process_out`` only: flow models'
+    ``inverse_noise_scaling`` would divide it by ``1 - sigmas[-1]``), and the dict ``store`` that ``fn`` filled.
     """
     import comfy.samplers
 
@@ -140,13 +232,16 @@ def run_in_sampler(model, positive, negative, cfg: float, latent: torch.Tensor, 
     guider.set_conds(positive, negative)
     guider.set_cfg(cfg)
     store = {}
+    result = {}
 
     def sampler_fn(model_k, x, sigmas, extra_args=None, callback=None, disable=None):
-        return fn(model_k, x, sigmas, extra_args or {}, store)
+        start = getattr(model_k, "latent_image", None)  # KSamplerX0Inpaint holds the model-space latent
+        result["x"] = fn(model_k, x if start is None else start.to(x), sigmas, extra_args or {}, store)
+        return result["x"]
 
-    out = guider.sample(torch.zeros_like(latent), latent, comfy.samplers.KSAMPLER(sampler_fn), sigmas,
-                        disable_pbar=True, seed=0)
-    return out, store
+    guider.sample(torch.zeros_like(latent), latent, comfy.samplers.KSAMPLER(sampler_fn), sigmas,
+                  disable_pbar=True, seed=0)
+    return latent_format(model).process_out(result["x"].to(torch.float32)), store
 
 
 def run_on_trajectory(model, payload, positive, negative, cfg: float, fn):
@@ -200,7 +295,7 @@ def differentiable_patcher(patcher, unet: bool = True):
             n += 1
         if getattr(module, "bias", None) is not None:
             clone.add_weight_wrapper(f"{name}.bias", _frozen)
-    for name, param in _loose_inference_params(clone.model):
+    for name, param in _loose_inference_params(clone.model, clone.object_patches_backup):
         with torch.inference_mode(False):
             clone.add_object_patch(name, torch.nn.Parameter(param.detach().clone(), requires_grad=False))
     if unet:
@@ -220,9 +315,37 @@ def add_grad_options(model_options: dict) -> None:
         model_options, is_model_options=True)
     add(comfy.patcher_extension.WrappersMP.PREPARE_SAMPLING, "psedit_grad_memory", _prepare_with_grad_memory,
         model_options, is_model_options=True)
+    add(comfy.patcher_extension.WrappersMP.APPLY_MODEL, "psedit_grad_saved_copies", _saved_copies, model_options,
+        is_model_options=True)
     patches = model_options.setdefault("transformer_options", {}).setdefault("patches", {})
     if _fresh_skip not in patches.get("input_block_patch_after_skip", []):
         patches["input_block_patch_after_skip"] = [*patches.get("input_block_patch_after_skip", []), _fresh_skip]
+
+
+def _modifies_saved_tensors(base_model) -> bool:
+    """Whether the diffusion model adds into tensors it has saved for backward: Flux's blocks do ``x += ...`` after a
+    norm of ``x`` (the double blocks on the text stream, the single blocks on the joint stream)."""
+    import comfy.ldm.flux.model
+
+    return isinstance(getattr(base_model, "diffusion_model", None), comfy.ldm.flux.model.Flux)
+
+
+def _copy_if_grad(tensor: torch.Tensor) -> torch.Tensor:
+    return tensor.clone() if tensor.requires_grad else tensor
+
+
+def _unpack(tensor: torch.Tensor) -> torch.Tensor:
+    return tensor
+
+
+def _saved_copies(executor, *args, **kwargs):
+    """An APPLY_MODEL wrapper: with gradients on, a model that modifies saved tensors in place
+    (:func:`_modifies_saved_tensors`) runs with autograd saving a copy of each tensor on the gradient path, so
+    backward sees the values the forward used (more activation memory, only then); otherwise it is a pass-through."""
+    if not torch.is_grad_enabled() or not _modifies_saved_tensors(executor.class_obj):
+        return executor(*args, **kwargs)
+    with torch.autograd.graph.saved_tensors_hooks(_copy_if_grad, _unpack):
+        return executor(*args, **kwargs)
 
 
 def _prepare_with_grad_memory(executor, model, noise_shape, conds, model_options=None):
@@ -237,16 +360,20 @@ def _prepare_with_grad_memory(executor, model, noise_shape, conds, model_options
     return real_model, conds_out, models
 
 
-def _loose_inference_params(model: torch.nn.Module):
+def _loose_inference_params(model: torch.nn.Module, backup: dict | None = None):
     """``(name, parameter)`` for the inference-tensor parameters no ``comfy.ops`` layer casts (e.g. TAESD's
-    ``vae_scale`` / ``vae_shift``): they are small, and an object patch swaps each for an ordinary copy while the
-    patcher is loaded."""
+    ``vae_scale`` / ``vae_shift``, the RMS norms of SD3's and Flux's q/k): they are small, and an object patch swaps
+    each for an ordinary copy while the patcher is loaded. A parameter another clone has object-patched (and left in
+    place: ComfyUI detaches a clone without unpatching) is judged by its original in the clones' shared ``backup``,
+    which ComfyUI puts back when this clone loads."""
     for prefix, module in model.named_modules():
         if hasattr(module, "weight_function"):
             continue
         for name, param in module.named_parameters(recurse=False):
-            if param.is_inference():
-                yield (f"{prefix}.{name}" if prefix else name), param
+            full = f"{prefix}.{name}" if prefix else name
+            original = (backup or {}).get(full, param)
+            if isinstance(original, torch.Tensor) and original.is_inference():
+                yield full, original
 
 
 def _frozen(tensor: torch.Tensor) -> torch.Tensor:
@@ -441,7 +568,15 @@ def make_decoder(model, vae, choice: str, patcher=None):
         to_input = _taesd_input(model)
 
         def decode(x0: torch.Tensor) -> torch.Tensor:
-            return module(to_input(x0).to(device, torch.float32)).to(x0.device, torch.float32)
+            z = to_input(x0).to(device, torch.float32)
+            if torch.is_grad_enabled() and z.requires_grad:
+                # Gradient checkpointing, one segment per layer (20): backward recomputes each block's inner
+                # activations instead of keeping them. With the checkpointed LPIPS trunk, a 512-px decode + VGG
+                # LPIPS gradient holds 1.1 GiB instead of 1.6 (CPU, fp32); the layers are cheap next to the UNet.
+                out = torch.utils.checkpoint.checkpoint_sequential(module, len(module), z, use_reentrant=False)
+            else:
+                out = module(z)
+            return out.to(x0.device, torch.float32)
 
         return decode
 

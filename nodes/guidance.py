@@ -19,8 +19,8 @@ from comfy_api.latest import io
 
 from ..psedit_core.lpips_loader import LPIPS_NETS, get_lpips
 from ..psedit_core.masks import fit_mask, masked_perceptual_loss
-from ..psedit_core.perceptual import PerceptualGuidanceConfig, lpips_loss, perceptual_guidance
-from ..psedit_core.schedule import StepWindow
+from ..psedit_core.perceptual import TARGETS, PerceptualGuidanceConfig, lpips_loss, perceptual_guidance
+from ..psedit_core.schedule import StepWindow, step_index
 from . import _comfy
 from .nulltext import NullScheduleType
 
@@ -100,6 +100,10 @@ class TripleGuider(comfy.samplers.CFGGuider):
                 log.warning("null schedule was optimised for guidance %.2f but gamma is %.2f: the photo is "
                             "reconstructed faithfully only when they match", null_schedule.guidance, gamma)
 
+    def sample(self, noise, latent_image, sampler, sigmas, *args, **kwargs):
+        _comfy.check_flow_handover(self.model_patcher, noise, sigmas)
+        return super().sample(noise, latent_image, sampler, sigmas, *args, **kwargs)
+
     def null_for(self, model_options, timestep):
         """The null conditioning for this step: the fixed one, or a per-step one from null-text inversion."""
         if self.null_schedule is None:
@@ -164,6 +168,13 @@ class TripleGuiderNode(io.ComfyNode):
 
     @classmethod
     def execute(cls, model, null, source, edit, gamma, beta, window=None, null_schedule=None) -> io.NodeOutput:
+        _comfy.check_supported(model, "PSEdit Triple Guider")
+        if _comfy.is_guidance_distilled(model):
+            raise ValueError(
+                f"this {_comfy.model_family(model)} model is guidance-distilled (one prediction per step, no "
+                "unconditional branch), so a null caption's prediction is not the unconditional one: use PSEdit Flux "
+                "Guider, which gives the same triple guidance from the source and edit predictions"
+            )
         for name, cond in (("null", null), ("source", source), ("edit", edit)):
             _comfy.check_conditioning(model, cond, name)
         if not (math.isfinite(gamma) and math.isfinite(beta)):
@@ -235,8 +246,15 @@ class PerceptualWrapper:
 
         if not window_active(self.window, model_options, timestep):
             return inner(x, timestep)
+        def next_sigma(sigma):
+            sigmas = _comfy.sample_sigmas(model_options)
+            if sigmas is None:
+                raise RuntimeError("perceptual target 'latent' needs the sampler's SIGMAS: sample with "
+                                   "SamplerCustomAdvanced")
+            return sigmas[step_index(sigmas, sigma) + 1]
+
         decode, loss = self._setup(x)
-        guided = perceptual_guidance(inner, decode, loss, self.config)
+        guided = perceptual_guidance(inner, decode, loss, self.config, next_sigma=next_sigma)
         with _comfy.explain_grad_failure("PSEdit Perceptual Guidance with gradient 'full'", "use gradient 'x0'"):
             return guided(x, timestep)
 
@@ -286,11 +304,14 @@ class PerceptualGuidanceNode(io.ComfyNode):
                 io.Guider.Input("guider", tooltip="The guider to correct, e.g. PSEdit Triple Guider."),
                 io.Vae.Input("vae", tooltip="The checkpoint's VAE (used when decoder is 'vae')."),
                 io.Image.Input("image", tooltip="The source photo, the same image you VAE-encoded (same size)."),
-                io.Float.Input("strength", default=0.1, min=0.0, max=10.0, step=0.01, round=0.001,
-                               tooltip="Step size. With step 'normalized' it is the RMS of the correction: on the "
-                               "x0 prediction (target x0: 1 = a unit-RMS change of the predicted clean latent; "
-                               "0.05-0.15 typical, too large overshoots) or on the predicted noise (target noise). "
-                               "'plain' scales the LPIPS gradient summed over the latent (size-independent)."),
+                io.Float.Input("strength", default=1.0, min=0.0, max=10.0, step=0.01, round=0.001,
+                               tooltip="Step size. With step 'normalized' it is the RMS of the correction per step, "
+                               "in latent units (a photo's latent has RMS about 1): 1 changes the x0 prediction by "
+                               "that much (target x0; a 50-step Euler step then moves the latent by about 7% of it, "
+                               "about 3 over a 0.2-0.8 window), the predicted noise (target noise) or the latent "
+                               "itself (target latent: use about 0.05-0.1 there). 0.3-3 typical with x0; larger "
+                               "keeps more of the photo and can hold the edit back. 'plain' scales the LPIPS "
+                               "gradient summed over the latent (size-independent)."),
                 io.Combo.Input("lpips_net", options=list(LPIPS_NETS), default="vgg",
                                tooltip="LPIPS trunk: vgg is the recommended loss, alex the recommended metric, "
                                "squeeze the lightest. Weights are looked up in models/lpips first."),
@@ -309,13 +330,15 @@ class PerceptualGuidanceNode(io.ComfyNode):
                                "colours stay put in the protected region."),
                 WindowType.Input("window", optional=True,
                                  tooltip="Steps where perceptual guidance acts (PSEdit Step Window); default all."),
-                io.Combo.Input("target", options=["x0", "noise"], default="x0", optional=True,
+                io.Combo.Input("target", options=list(TARGETS), default="x0", optional=True,
                                tooltip="x0 (default): correct the x0 prediction; a step moves the latent by "
                                "(1 - sigma_next/sigma) of it, so a final step to sigma 0 weighs as much as a dozen "
                                "middle ones: end the window before the last steps. noise: correct the predicted "
                                "noise, so each step moves the latent by strength x (sigma - sigma_next) and the pull "
-                               "fades as the noise falls (DPS-like); it is sigma times stronger on x0, so keep its "
-                               "window off the first, noisiest steps."),
+                               "fades as the noise falls; it is sigma times stronger on x0, so keep its window off "
+                               "the first, noisiest steps. latent: each step moves the latent itself by the "
+                               "correction, the same on every step of the window (the paper's and DPS's update "
+                               "of z_t)."),
                 io.Mask.Input("mask", optional=True,
                               tooltip="Edit region (white = where the edit may change the image, e.g. from PSEdit "
                               "Edit Mask or painted). Only the rest is pulled toward the source photo. A mask "
@@ -330,6 +353,7 @@ class PerceptualGuidanceNode(io.ComfyNode):
                 mask=None, target="x0"):
         if not isinstance(guider, comfy.samplers.CFGGuider):
             raise ValueError("guider must be a ComfyUI GUIDER (CFGGuider, DualCFGGuider, PSEdit Triple Guider, ...)")
+        _comfy.check_supported(guider.model_patcher, "PSEdit Perceptual Guidance")
         if image.ndim != 4 or image.shape[-1] < 3:
             raise ValueError(f"image must be a ComfyUI IMAGE [batch, height, width, 3], got {tuple(image.shape)}")
         config = PerceptualGuidanceConfig(scale=float(strength), gradient=gradient, step=step, target=target)

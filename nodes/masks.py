@@ -75,6 +75,7 @@ class EditMask(io.ComfyNode):
 
     @classmethod
     def execute(cls, model, inversion, source, edit, probe_end, blur, threshold, soft, mask=None) -> io.NodeOutput:
+        _comfy.check_supported(model, "PSEdit Edit Mask")
         latent = inversion.inversion.latents[-1]
         size = (latent.shape[-2] * _comfy.SPATIAL_RATIO, latent.shape[-1] * _comfy.SPATIAL_RATIO)
         if mask is not None:

@@ -19,6 +19,7 @@ log = logging.getLogger(__name__)
 
 NullScheduleType = io.Custom("PSEDIT_NULL_SCHEDULE")
 METHODS = ("null-text", "negative-prompt")
+OPTIMISE = ("all", "tokens")  # what null-text inversion optimises: every text input the model reads as it is / tokens
 
 
 @dataclass(frozen=True)
@@ -55,20 +56,35 @@ class NullSchedule:
         return self.key(step_index(sample_sigmas, timestep))
 
 
-def _with_crossattn(entries: list[dict], embedding: torch.Tensor) -> list[dict]:
-    """Processed conds (as CFGGuider prepares them) whose cross-attention tensor is ``embedding``."""
+def _with_crossattn(entries: list[dict], embedding) -> list[dict]:
+    """Processed conds (as CFGGuider prepares them) whose cross-attention tensor is ``embedding``, or, for a tuple
+    ``(tokens, pooled)``, whose token sequence is ``tokens`` and pooled vector (SD3's ``y``) is ``pooled``. Each tensor
+    keeps the cond class the model gave it (SD3 and Flux batch their tokens as ``CONDRegular``)."""
+    tokens, pooled = embedding if isinstance(embedding, tuple) else (embedding, None)
     out = []
     for entry in entries:
         entry = entry.copy()
         model_conds = dict(entry["model_conds"])
-        model_conds["c_crossattn"] = comfy.conds.CONDCrossAttn(embedding)
+        kind = type(model_conds["c_crossattn"]) if "c_crossattn" in model_conds else comfy.conds.CONDCrossAttn
+        model_conds["c_crossattn"] = kind(tokens)
+        if pooled is not None:
+            model_conds["y"] = comfy.conds.CONDRegular(pooled)
         entry["model_conds"] = model_conds
         out.append(entry)
     return out
 
 
-def run_null_text(model, payload, null, source, guidance, inner_steps, early_stop, lr, early_stop_rule="mokady"):
-    """Optimise the null embeddings inside ComfyUI's sampling set-up (model loaded, conds prepared)."""
+def optimises_pooled(model, optimise: str) -> bool:
+    """Whether null-text inversion optimises the pooled vector too: with ``optimise`` "all" where the model reads it
+    as it is (SD3: ``y`` is the CLIP-L + CLIP-G pooled output); SDXL reads it only inside a vector with size
+    embeddings, so there, as on SD1.x, "all" is the token sequence."""
+    return optimise == "all" and _comfy.pooled_dim(model) is not None and not _comfy.is_guidance_distilled(model)
+
+
+def run_null_text(model, payload, null, source, guidance, inner_steps, early_stop, lr, early_stop_rule="mokady",
+                  pooled: bool = False):
+    """Optimise the null embeddings inside ComfyUI's sampling set-up (model loaded, conds prepared): the token
+    sequence, and with ``pooled`` the pooled vector too (``result.nulls`` then holds ``(tokens, pooled)``)."""
     inversion = payload.inversion
     progress = _comfy.Progress(inversion.steps)
     src_marker = source[0][0]
@@ -83,10 +99,13 @@ def run_null_text(model, payload, null, source, guidance, inner_steps, early_sto
             return comfy.samplers.calc_cond_batch(base, [conds], x_, sigma, model_options)[0]
 
         latents = [t.to(x.device) for t in inversion.latents]
+        start = null[0][0].to(x.device)
+        if pooled:
+            start = (start, null[0][1]["pooled_output"].to(x.device))
         store["result"] = null_text_inversion(
-            denoiser, latents, sigmas, src_marker, null[0][0].to(x.device), guidance,
+            denoiser, latents, sigmas, src_marker, start, guidance,
             inner_steps=inner_steps, early_stop=early_stop, lr=lr, early_stop_rule=early_stop_rule,
-            callback=progress,
+            loss_weight=(lambda s: 1.0) if _comfy.is_flow(model) else None, callback=progress,
         )
         return x
 
@@ -130,6 +149,12 @@ class NullTextInversion(io.ComfyNode):
                                optional=True,
                                tooltip="mokady: the threshold grows by 2e-5 per step, as in the reference code "
                                "(fewer iterations on late steps). constant: early_stop on every step."),
+                io.Combo.Input("optimise", options=list(OPTIMISE), default=OPTIMISE[0], optional=True,
+                               tooltip="What null-text inversion optimises. all: every text input the model reads "
+                               "as it is: the token sequence (all text encoders' outputs; SD3: CLIP-L/G and T5 "
+                               "together), plus on SD3 / SD3.5 the pooled CLIP vector, which modulates every block. "
+                               "tokens: the token sequence only (the pooled vector stays the empty prompt's). "
+                               "SD1.x/SDXL: the token sequence either way."),
             ],
             outputs=[NullScheduleType.Output(
                 "null_schedule", display_name="null_schedule", tooltip="Connect to PSEdit Triple Guider.")],
@@ -137,7 +162,17 @@ class NullTextInversion(io.ComfyNode):
 
     @classmethod
     def execute(cls, model, inversion, null, source, guidance, method, inner_iterations, early_stop,
-                learning_rate, early_stop_rule="mokady") -> io.NodeOutput:
+                learning_rate, early_stop_rule="mokady", optimise="all") -> io.NodeOutput:
+        _comfy.check_supported(model, "PSEdit Null-Text Inversion")
+        if _comfy.is_guidance_distilled(model):
+            raise ValueError(
+                f"this {_comfy.model_family(model)} model is guidance-distilled: it has no unconditional branch, so "
+                "there is no null text to invert, and DDIM Invert with the source caption (through FluxGuidance at "
+                "the guidance you edit with) already reconstructs the photo: remove Null-Text Inversion and use "
+                "PSEdit Flux Guider"
+            )
+        if optimise not in OPTIMISE:
+            raise ValueError(f"optimise must be one of {OPTIMISE}, got {optimise!r}")
         _comfy.check_conditioning(model, null, "null")
         _comfy.check_conditioning(model, source, "source")
         if inversion.family != _comfy.model_family(model):
@@ -154,10 +189,15 @@ class NullTextInversion(io.ComfyNode):
             return io.NodeOutput(NullSchedule(conds, sigmas, float(guidance), method))
         if len(null) != 1:
             raise ValueError("null-text inversion needs a single null conditioning: do not combine or concat it")
+        pooled = optimises_pooled(model, optimise)
         result = run_null_text(model, inversion, null, source, float(guidance), int(inner_iterations),
-                               float(early_stop), float(learning_rate), early_stop_rule)
+                               float(early_stop), float(learning_rate), early_stop_rule, pooled)
         extra = null[0][1]
-        conds = tuple([[phi.detach().cpu(), dict(extra)]] for phi in result.nulls)
+        if pooled:
+            conds = tuple([[tokens.detach().cpu(), {**extra, "pooled_output": vec.detach().cpu()}]]
+                          for tokens, vec in result.nulls)
+        else:
+            conds = tuple([[phi.detach().cpu(), dict(extra)]] for phi in result.nulls)
         log.info("null-text inversion: mean step loss %.3g (unit-variance latent), %d Adam iterations",
                  sum(result.losses) / len(result.losses), sum(result.iterations))
         return io.NodeOutput(NullSchedule(conds, sigmas, float(guidance), method, result.losses))

@@ -53,8 +53,8 @@ def _common_options() -> argparse.ArgumentParser:
                    help="fraction of the steps with text guidance optimisation (default 0 0.4)")
     c.add_argument("--perceptual-window", type=float, nargs=2, default=[0.2, 0.8], metavar=("START", "END"),
                    help="fraction of the steps with perceptual guidance (default 0.2 0.8)")
-    c.add_argument("--strength", type=float, default=0.1, help="perceptual guidance step, RMS latent change per step "
-                   "(default 0.1)")
+    c.add_argument("--strength", type=float, default=1.0, help="perceptual guidance step, RMS change of the x0 "
+                   "prediction per step (default 1.0)")
     c.add_argument("--lpips-net", default="vgg", choices=["vgg", "alex", "squeeze"], help="LPIPS trunk for guidance")
     c.add_argument("--decoder", default="taesd", choices=["taesd", "vae"],
                    help="decoder inside perceptual guidance (taesd needs models/vae_approx/taesd_decoder.*)")

@@ -87,7 +87,7 @@ class Settings:
     beta: float = 3.0  # edit strength (source -> edit caption)
     text_window: tuple[float, float] = (0.0, 0.4)
     perceptual_window: tuple[float, float] = (0.2, 0.8)
-    strength: float = 0.1  # perceptual guidance step (normalised)
+    strength: float = 1.0  # perceptual guidance step (normalised, target x0; the workflows' default)
     lpips_net: str = "vgg"
     decoder: str = "taesd"
     method: str = "null-text"  # or negative-prompt, none

@@ -24,13 +24,28 @@ Reductions (tested):
     * ``gamma = 1, beta = 1``: ``edit`` (the plain edit-prompt prediction, no guidance).
     * ``beta = 0``: ``cfg(null, src, gamma)``, the source branch (reconstruction).
     * ``beta = gamma``: ``cfg(null, edit, gamma)``, plain CFG on the edit prompt.
+
+Guidance-distilled models (Flux.1 dev) make one prediction per step, ``e_g(c)``, with the guidance strength ``g`` an
+input of the model, and have no unconditional branch. Guidance distillation trains ``e_g`` to reproduce the
+teacher's CFG, ``e_g(c) = e_null + g * (e_c - e_null)``, so the paper's terms with ``gamma = g`` are available
+without ``e_null``:
+
+    e_null + g * (e_src - e_null)   = e_g(src)                                       (eq. 1 at gamma = g)
+    beta * (e_edit - e_src)         = (beta / g) * (e_g(edit) - e_g(src))            (the null terms cancel)
+    noise_pred = e_g(src) + (beta / g) * (e_g(edit) - e_g(src))                      (eq. 2-D)
+
+That is the form ``e_src + b * (e_edit - e_src)`` on the distilled predictions, with ``b = beta / g``: a CFG from
+the source to the edit caption of scale ``beta / g``. Its weights ``(1 - b, b)`` sum to one (it holds for x0
+predictions too) and it reduces as eq. 1-2 does: ``beta = 0`` gives ``e_g(src)``, the very denoiser DDIM inversion
+at guidance ``g`` inverts (reconstruction); ``beta = g`` gives ``e_g(edit)``, plain generation on the edit caption
+(the paper's ``beta = gamma``). It equals eq. 1-2 exactly where the distilled model equals its teacher's CFG.
 """
 
 from __future__ import annotations
 
 import torch
 
-__all__ = ["cfg", "triple_guidance", "triple_weights"]
+__all__ = ["cfg", "distilled_triple_guidance", "triple_guidance", "triple_weights"]
 
 
 def cfg(uncond: torch.Tensor, cond: torch.Tensor, scale: float) -> torch.Tensor:
@@ -48,3 +63,11 @@ def triple_guidance(
 ) -> torch.Tensor:
     """Eq. 1-2: ``null + gamma * (src - null) + beta * (edit - src)``, on eps or on denoised predictions."""
     return null + gamma * (src - null) + beta * (edit - src)
+
+
+def distilled_triple_guidance(src: torch.Tensor, edit: torch.Tensor, gamma: float, beta: float) -> torch.Tensor:
+    """Eq. 2-D: ``src + (beta / gamma) * (edit - src)`` on a guidance-distilled model's predictions at guidance
+    ``gamma`` (eps, velocity or denoised), equal to eq. 1-2 with the teacher's null branch (module docstring)."""
+    if not gamma > 0:
+        raise ValueError(f"the distilled guidance gamma must be > 0, got {gamma}")
+    return cfg(src, edit, beta / gamma)

@@ -24,6 +24,33 @@ solved here by fixed-point iteration started from (2) (``refine`` iterations per
 sampling with :func:`euler_sample` from the inverted latent reproduces the input up to the fixed-point residual,
 instead of up to the O(step^2) drift of (2). Where the step starts at ``sigma = 0`` eps is 0/0, so (2) evaluates
 it at the step's target noise level instead (equal to the first iteration of (3)).
+
+The other usual convention (diffusers' ``DDIMInverseScheduler``, null-text inversion and Prompt-to-Prompt's code)
+evaluates the prediction at the step's *target* noise level, on the current latent as the model sees it. In the
+DDPM scaling ``z = x / sqrt(1 + sigma^2)`` that is ``eps(z_{i+1}, t_i)``; in this space the same model input is
+the latent rescaled to the target level, ``x' = x_{i+1} * s``, ``s = sqrt((1 + sigma_i^2) / (1 + sigma_{i+1}^2))``
+(``input_scale``; variance-preserving models, eps or v):
+
+    target          x_i = x_{i+1} + (sigma_i - sigma_{i+1}) * eps(s * x_{i+1}, sigma_i)                (4)
+
+It is the first fixed-point iterate of (3) taken from a better point at the same cost (one model call), so it
+usually round-trips closer than (2); ``refine`` iterations then solve (3) from it.
+
+Flow matching (ComfyUI's ``CONST`` model sampling: SD3 / SD3.5, Flux). There the sampler state is
+
+    flow            x = (1 - sigma) * x0 + sigma * eps,        sigma in [0, 1]                          (5)
+
+and the model predicts the velocity ``v = dx/dsigma = eps - x0``; ComfyUI returns ``D = x - sigma * v``, the same
+Tweedie estimate ``E[x0 | x]`` as above. The code above needs no change: ``to_eps`` then returns
+``(x - D) / sigma = v`` (no longer the noise), and (1) is exactly the rectified-flow Euler step
+``x_{i+1} = x_i + (sigma_{i+1} - sigma_i) * v(x_i, sigma_i)``, so (2)-(3) invert it and refinement solves the same
+implicit equation. Only eq. (4)'s rescaling is specific to the parameterisation: a model sees
+``c_in(sigma) * x`` (``calculate_input``: ``c_in = 1 / sqrt(1 + sigma^2)`` for eps/v, ``c_in = 1`` for flow),
+and "the same model input at the target level" is ``x' = x_{i+1} * c_in(sigma_{i+1}) / c_in(sigma_i)``. A flow
+model is fed ``x`` itself, so the same latent at the target level is the latent unchanged, ``s = 1``
+(:func:`flow_input_scale`): eq. (4) reads ``x_i = x_{i+1} + (sigma_i - sigma_{i+1}) * v(x_{i+1}, sigma_i)``, the
+naive rectified-flow inversion of diffusers' flow-matching pipelines and RF-Inversion. Where the schedule starts
+at ``sigma = 1`` (every flow scheduler), the inverted latent is pure-noise level: ``x = eps``.
 """
 
 from __future__ import annotations
@@ -34,7 +61,10 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["Denoiser", "Inversion", "ddim_invert", "euler_sample", "to_eps"]
+__all__ = ["CONVENTIONS", "Denoiser", "Inversion", "ddim_invert", "euler_sample", "flow_input_scale", "to_eps",
+           "vp_input_scale"]
+
+CONVENTIONS = ("target", "start")  # where a plain inversion step evaluates the prediction: eq. (4) / eq. (2)
 
 log = logging.getLogger(__name__)
 
@@ -47,6 +77,16 @@ def to_eps(x: torch.Tensor, sigma: torch.Tensor | float, denoised: torch.Tensor)
     if isinstance(sigma, torch.Tensor):
         sigma = sigma.reshape(-1, *([1] * (x.ndim - 1))) if sigma.numel() > 1 else sigma.reshape(())
     return (x - denoised) / sigma
+
+
+def vp_input_scale(sigma_from: torch.Tensor, sigma_to: torch.Tensor) -> torch.Tensor:
+    """``s`` of eq. (4) for variance-preserving models: the same DDPM-scaled latent at ``sigma_to``."""
+    return ((1 + sigma_to**2) / (1 + sigma_from**2)).sqrt()
+
+
+def flow_input_scale(sigma_from: torch.Tensor, sigma_to: torch.Tensor) -> torch.Tensor:
+    """``s`` of eq. (4) for flow-matching models (eq. 5): their input is ``x`` itself at every level, so 1."""
+    return torch.ones_like(torch.as_tensor(sigma_to))
 
 
 def _sigma_batch(x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
@@ -97,6 +137,8 @@ def ddim_invert(
     sigmas: torch.Tensor,
     *,
     refine: int = 0,
+    convention: str = "start",
+    input_scale: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = vp_input_scale,
     callback: Callable[[dict], None] | None = None,
     extra_args: dict | None = None,
 ) -> Inversion:
@@ -106,7 +148,11 @@ def ddim_invert(
         denoiser: ``D(x, sigma, **extra_args) -> x0`` (already guided, e.g. CFG on the source prompt).
         x0: the clean latent, in model space.
         sigmas: the schedule that will be *sampled* later, in sampling order (descending).
-        refine: fixed-point iterations of eq. (3) per step; 0 gives plain DDIM inversion, eq. (2).
+        refine: fixed-point iterations of eq. (3) per step, started from the plain step.
+        convention: the plain step: ``"start"`` evaluates the prediction where the step starts, eq. (2);
+            ``"target"`` at the target noise level on the rescaled latent, eq. (4).
+        input_scale: ``s(sigma_from, sigma_to)`` of eq. (4) (the default is right for eps/v-prediction models;
+            :func:`flow_input_scale` for flow models, eq. 5).
         callback: called after every step with ``{"i", "x", "sigma", "sigma_from", "residual"}``; it may raise
             to cancel (the inversion stops there, nothing is modified).
         extra_args: keyword arguments passed to every denoiser call.
@@ -116,6 +162,8 @@ def ddim_invert(
     """
     if refine < 0:
         raise ValueError(f"refine must be >= 0, got {refine}")
+    if convention not in CONVENTIONS:
+        raise ValueError(f"convention must be one of {CONVENTIONS}, got {convention!r}")
     sigmas = _check_schedule(sigmas).to(x0.device)
     extra_args = extra_args or {}
     n = sigmas.numel() - 1
@@ -125,8 +173,11 @@ def ddim_invert(
     for step, i in enumerate(range(n - 1, -1, -1)):
         s_from, s_to = sigmas[i + 1], sigmas[i]
         dt = s_to - s_from
-        s_eval = s_from if s_from > 0 else s_to
-        d = to_eps(x, s_eval, denoiser(x, _sigma_batch(x, s_eval), **extra_args))
+        if convention == "target":
+            x_eval, s_eval = x * input_scale(s_from, s_to), s_to
+        else:
+            x_eval, s_eval = x, (s_from if s_from > 0 else s_to)
+        d = to_eps(x_eval, s_eval, denoiser(x_eval, _sigma_batch(x, s_eval), **extra_args))
         x_next = x + dt * d
         residual = 0.0
         for _ in range(refine):

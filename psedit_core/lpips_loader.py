@@ -24,11 +24,13 @@ from collections.abc import Iterable
 from pathlib import Path
 
 import torch
+import torch.utils.checkpoint
 
 __all__ = [
     "LPIPS_NETS",
     "LPIPSWeightsNotFoundError",
     "TRUNK_FILENAMES",
+    "checkpoint_trunk",
     "find_trunk_file",
     "get_lpips",
     "load_trunk_state_dict",
@@ -139,11 +141,28 @@ def _construct(lpips, net, spatial, path, search_dirs, allow_download):
     return model
 
 
+def _checkpointed_forward(seq: torch.nn.Sequential, x: torch.Tensor) -> torch.Tensor:
+    if torch.is_grad_enabled() and x.requires_grad:
+        return torch.utils.checkpoint.checkpoint(torch.nn.Sequential.forward, seq, x, use_reentrant=False)
+    return torch.nn.Sequential.forward(seq, x)
+
+
+def checkpoint_trunk(model: torch.nn.Module) -> torch.nn.Module:
+    """Make each trunk slice of an ``lpips.LPIPS`` model recompute its inner activations in backward instead of
+    keeping them (gradient checkpointing): when the input asks for a gradient, a slice keeps only its input and
+    output, so a 1024-px VGG loss holds a fraction of the activations for the same gradient. Values, gradients and
+    parameter names are unchanged; without gradients nothing changes at all."""
+    for i in range(1, model.net.N_slices + 1):
+        seq = getattr(model.net, f"slice{i}")
+        seq.forward = functools.partial(_checkpointed_forward, seq)
+    return model
+
+
 @functools.lru_cache(maxsize=8)
 def _cached(net, spatial, trunk_file, search_dirs, allow_download, device):
     # Built outside inference mode (hosts like ComfyUI run nodes inside it) so gradients can flow through it.
     with torch.inference_mode(False):
-        return _build(net, spatial, trunk_file, search_dirs, allow_download).to(device)
+        return checkpoint_trunk(_build(net, spatial, trunk_file, search_dirs, allow_download)).to(device)
 
 
 def get_lpips(

@@ -33,6 +33,13 @@ solved with Adam (``inner_steps`` iterations), each step warm-started from the p
 - early-stop rules: ``"mokady"``, the reference code's ``early_stop + 2e-5 i`` (looser on later steps), or
   ``"constant"``, ``early_stop`` on every step.
 
+Conditionings with several parts (SD3 / SD3.5: one token sequence holding all three text encoders' outputs, CLIP-L
+and CLIP-G side by side and T5-XXL after them, plus a pooled CLIP-L+G vector that modulates every block): ``null``
+may be a tuple of tensors, e.g. ``(tokens, pooled)``; every part is optimised (one Adam over all of them) and the
+denoiser receives the tuple. Flow-matching models (``x = (1 - s) x0 + s eps``, ``to_eps`` then returns the
+velocity) need no other change: the Euler step above is their sampler step, and their latent already has unit
+variance, so ``loss_weight`` is 1 there instead of ``1 / (1 + s^2)``.
+
 Negative-prompt inversion skips the optimisation and sets ``phi_i = C``: then ``D_w = D(x, s, C)`` for every w,
 the very denoiser the inversion used, so the round trip is as exact as the inversion itself.
 """
@@ -79,13 +86,14 @@ def null_text_inversion(
     latents: tuple[torch.Tensor, ...] | list[torch.Tensor],
     sigmas: torch.Tensor,
     source: torch.Tensor,
-    null: torch.Tensor,
+    null: torch.Tensor | tuple[torch.Tensor, ...],
     guidance: float,
     *,
     inner_steps: int = 10,
     early_stop: float = 1e-5,
     lr: float = 1e-2,
     early_stop_rule: str = "mokady",
+    loss_weight: Callable[[float], float] | None = None,
     callback: Callable[[dict], None] | None = None,
 ) -> NullTextResult:
     """Optimise one null embedding per step (module docstring).
@@ -94,10 +102,13 @@ def null_text_inversion(
         denoiser: ``D(x, sigma, cond=embedding) -> x0``, differentiable in ``cond``.
         latents: the inversion trajectory in sampling order (:attr:`psedit_core.inversion.Inversion.latents`).
         sigmas: its schedule (sampling order).
-        source, null: the source and initial null embeddings (never modified).
+        source, null: the source and initial null embeddings (never modified); ``null`` may be a tuple of tensors
+            (e.g. tokens and pooled vector), all optimised; ``nulls`` then holds tuples.
         guidance: the CFG scale ``w`` the edit will be sampled with.
         inner_steps: Adam iterations per step at most; ``early_stop``: loss (``L_i``, scaled space) below which a
             step stops, by ``early_stop_rule`` (module docstring).
+        loss_weight: ``w(sigma)``, the squared scale from the sampler's latent at ``sigma`` to the unit-variance
+            latent the loss is measured in: ``1 / (1 + sigma^2)`` (the default; eps/v models), 1 for flow models.
         callback: called after each step with ``{"i", "loss", "iterations", "x"}``; may raise to cancel.
     """
     if inner_steps < 0:
@@ -115,28 +126,35 @@ def null_text_inversion(
         batch = x.shape[0]
         sigmas = sigmas.detach().clone()  # an inference tensor cannot be saved for backward
         src = source  # passed through as given: hosts may recognise it by identity; never modified
-        phi = null.detach().clone()
-        if phi.shape[0] == 1 and batch > 1:
-            phi = phi.expand(batch, *phi.shape[1:]).clone()  # one embedding per image
+        parts = null if isinstance(null, tuple) else (null,)
+        phis = [p.detach().clone() for p in parts]
+        phis = [p.expand(batch, *p.shape[1:]).clone() if p.shape[0] == 1 and batch > 1 else p
+                for p in phis]  # one embedding per image
+
+        def as_cond(ps):
+            return tuple(ps) if isinstance(null, tuple) else ps[0]
+
         for i in range(n):
             s, s_next = sigmas[i].to(x), sigmas[i + 1].to(x)
             target = latents[i + 1].detach().clone().float()
-            scale = 1.0 / (1.0 + float(s_next) ** 2)  # k-diffusion latent -> unit-variance DDIM latent, squared
+            # k-diffusion latent -> unit-variance DDIM latent, squared
+            scale = loss_weight(float(s_next)) if loss_weight is not None else 1.0 / (1.0 + float(s_next) ** 2)
             threshold = early_stop + (2e-5 * i if early_stop_rule == "mokady" else 0.0)
             with torch.no_grad():
                 d_src = denoiser(x, s * x.new_ones([batch]), cond=src)
-            phi = phi.detach().clone().requires_grad_(True)
+            phis = [p.detach().clone().requires_grad_(True) for p in phis]
             elements = float(x[0].numel())
             loss_scale = elements  # d/dphi of the per-image sum of squares; lowered if a backward overflows
-            opt = torch.optim.Adam([phi], lr=lr * (1.0 - 0.5 * i / n))
+            opt = torch.optim.Adam(phis, lr=lr * (1.0 - 0.5 * i / n))
             loss_value, used = float("inf"), 0
             for used in range(1, inner_steps + 1):  # noqa: B007 (used after the loop)
-                x_next = guided_step(denoiser, x, s, s_next, phi, d_src, guidance).float()
+                x_next = guided_step(denoiser, x, s, s_next, as_cond(phis), d_src, guidance).float()
                 per_image = ((x_next - target).pow(2) * scale).flatten(1).mean(1)
                 opt.zero_grad(set_to_none=True)
                 (per_image.sum() * loss_scale).backward()
                 loss_value = float(per_image.detach().max())
-                if not torch.isfinite(phi.grad).all():  # a half-precision backward overflowed: as AMP does,
+                # a half-precision backward overflowed: as AMP does,
+                if not all(torch.isfinite(p.grad).all() for p in phis if p.grad is not None):
                     loss_scale /= 16.0  # skip this update and scale down
                     if loss_scale < 1e-3:
                         raise FloatingPointError(
@@ -144,11 +162,14 @@ def null_text_inversion(
                             "model in fp32 or bf16, or use method 'negative-prompt'"
                         )
                     continue
-                phi.grad.mul_(elements / loss_scale)  # the gradient of the sum of squared errors
+                for p in phis:
+                    if p.grad is not None:
+                        p.grad.mul_(elements / loss_scale)  # the gradient of the sum of squared errors
                 opt.step()
                 if loss_value < threshold:
                     break
-            phi = phi.detach()
+            phis = [p.detach() for p in phis]
+            phi = as_cond(phis)
             with torch.no_grad():
                 x = guided_step(denoiser, x, s, s_next, phi, d_src, guidance)
                 if inner_steps == 0:

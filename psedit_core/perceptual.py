@@ -24,13 +24,17 @@ Perceptual guidance (paper sec. 3.2, in the manner of DPS): each guided step est
     u = clip(g) / rms(g)                    step "normalized": unit RMS whatever L's magnitude
     eps_guided = eps + scale * u            target "noise", i.e.  D_guided = D - sigma * scale * u
     D_guided   = D - scale * u              target "x0" (default)
+    D_guided   = D - sigma / (sigma - sigma_next) * scale * u
+                                            target "latent": the step moves x_t itself by scale * u (DPS)
 
 Returning a corrected prediction (rather than editing ``x_t``) steers any sampler. An Euler/DDIM step from
 ``sigma`` to ``sigma_next`` moves the latent by ``(sigma - sigma_next) * scale * u`` more with target "noise"
 (the correction acts like an added drift, in proportion to how far each step goes, fading as sigma falls: the
 classifier-guidance / DPS form, which moves ``z_t`` itself), but only by ``(1 - sigma_next / sigma) * scale * u``
 with target "x0": 6.5-8.7% of it in the middle of SD1.5's 50-step schedule and all of it on a final step to
-sigma 0, so there the last step outweighs a dozen middle ones. Outside the window, or when the gradient is not
+sigma 0, so there the last step outweighs a dozen middle ones. Target "latent" compensates that factor, so every
+step of the window moves the latent by the same ``scale * u``, as the paper and DPS move ``z_t`` (the step needs
+the next noise level, ``next_sigma``). Outside the window, or when the gradient is not
 finite, the prediction passes through unchanged (the skip is logged).
 """
 
@@ -47,6 +51,7 @@ import torch
 from .inversion import Denoiser
 
 __all__ = [
+    "TARGETS",
     "PerceptualGuidanceConfig",
     "guidance_delta",
     "lpips_loss",
@@ -60,7 +65,8 @@ log = logging.getLogger(__name__)
 
 GradientMode = Literal["x0", "full"]
 StepMode = Literal["plain", "normalized"]
-Target = Literal["noise", "x0"]
+Target = Literal["noise", "x0", "latent"]
+TARGETS = ("x0", "noise", "latent")
 
 
 def _bcast(sigma: torch.Tensor | float, x: torch.Tensor) -> torch.Tensor | float:
@@ -95,7 +101,9 @@ class PerceptualGuidanceConfig:
         gradient: ``"x0"`` (through the decoder only) or ``"full"`` (through the denoiser too).
         step: ``"plain"`` (``scale * N * g``) or ``"normalized"`` (``scale * g / rms(g)``, per sample).
         clip: if set, each sample's gradient is rescaled so its RMS is at most ``clip`` (before the step).
-        target: ``"noise"`` (the correction is added to the predicted noise: ``D - sigma * delta``) or ``"x0"``
+        target: ``"noise"`` (the correction is added to the predicted noise: ``D - sigma * delta``), ``"latent"``
+            (each Euler/DDIM step moves the latent by ``delta``: ``D - sigma / (sigma - sigma_next) * delta``) or
+            ``"x0"``
             (subtracted from the x0 prediction: ``D - delta``); module docstring.
     """
 
@@ -112,8 +120,8 @@ class PerceptualGuidanceConfig:
             raise ValueError(f"gradient must be 'x0' or 'full', got {self.gradient!r}")
         if self.step not in ("plain", "normalized"):
             raise ValueError(f"step must be 'plain' or 'normalized', got {self.step!r}")
-        if self.target not in ("noise", "x0"):
-            raise ValueError(f"target must be 'noise' or 'x0', got {self.target!r}")
+        if self.target not in TARGETS:
+            raise ValueError(f"target must be one of {TARGETS}, got {self.target!r}")
         if self.clip is not None and not (self.clip > 0):
             raise ValueError(f"clip must be > 0 or None, got {self.clip}")
 
@@ -136,6 +144,14 @@ def guidance_delta(grad: torch.Tensor, config: PerceptualGuidanceConfig) -> torc
     else:
         g = g * g[0].numel()
     return config.scale * g
+
+
+def _latent_factor(sigma: torch.Tensor, sigma_next: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """``sigma / (sigma - sigma_next)``: an x0 correction of ``delta`` times this moves an Euler step's latent by
+    ``delta`` (1 where the step does not lower the noise)."""
+    sigma, sigma_next = _bcast(sigma, like), _bcast(sigma_next, like)
+    drop = sigma - sigma_next
+    return torch.where(drop > 0, sigma / drop.clamp_min(1e-12), torch.ones_like(drop))
 
 
 def lpips_loss(model: torch.nn.Module, source: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
@@ -163,6 +179,7 @@ def perceptual_guidance(
     *,
     active: Callable[[torch.Tensor], bool] | None = None,
     on_step: Callable[[dict], None] | None = None,
+    next_sigma: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> Denoiser:
     """Wrap ``denoiser`` so it returns the perceptually guided prediction (module docstring).
 
@@ -173,11 +190,16 @@ def perceptual_guidance(
         config: step size, gradient mode, step normalisation and clipping.
         active: ``active(sigma) -> bool``; guidance only where it is true (e.g. a step window).
         on_step: called after each guided evaluation with ``{"sigma", "loss", "grad_rms", "skipped"}``.
+        next_sigma: ``next_sigma(sigma) -> sigma_next``, the noise level the sampler's step goes to (target
+            "latent" needs it).
 
     The gradient is taken with autograd switched on explicitly (``inference_mode(False)``, ``enable_grad``), so
     the wrapper works inside a sampler decorated with ``no_grad``; ``decode`` and ``loss`` must hold ordinary
     (non-inference) parameters. Inputs are never modified.
     """
+
+    if config.target == "latent" and next_sigma is None:
+        raise ValueError("target 'latent' needs next_sigma (the noise level each step goes to)")
 
     def guided(x: torch.Tensor, sigma: torch.Tensor, **kwargs) -> torch.Tensor:
         if config.scale == 0 or (active is not None and not active(sigma)):
@@ -203,6 +225,8 @@ def perceptual_guidance(
             delta = guidance_delta(grad.detach(), config)
             if config.target == "noise":
                 delta = delta * _bcast(sigma.detach().to(delta), delta)
+            elif config.target == "latent":
+                delta = delta * _latent_factor(sigma.detach().to(delta), next_sigma(sigma).to(delta), delta)
         bad = ~torch.isfinite(grad).flatten(1).all(1)
         if bad.any() or not torch.isfinite(values).all():
             log.warning(

@@ -30,7 +30,9 @@ STEPS = 50
 GAMMA, BETA = 7.5, 3.0
 TEXT_WINDOW = (0.0, 0.4)  # "first 20 of 50 steps"
 PERCEPTUAL_WINDOW = (0.2, 0.8)
-PERCEPTUAL_STRENGTH = 0.1  # step "normalized", target "x0": RMS correction of the x0 prediction; tooltip: 0.05-0.15
+# step "normalized", target "x0": RMS of the correction of the x0 prediction per step. 1.0 from the toy world
+# (benchmarks/toy_perceptual.py): 0.1 changed nothing measurable; 1-3 raised background PSNR at the same edit success.
+PERCEPTUAL_STRENGTH = 1.0
 SOURCE, EDIT = "a cat sitting on a sofa", "a tiger sitting on a sofa"
 
 # Model files each workflow names, with the download the frontend's missing-models dialog offers (it accepts
@@ -317,7 +319,8 @@ def knobs_note(taesd: str) -> str:
         f"Null-Text Inversion's guidance ({GAMMA}).\n"
         f"- text guidance window {TEXT_WINDOW[0]}-{TEXT_WINDOW[1]}: triple guidance in the first 40% of the steps "
         "(the paper's first 20 of 50); plain CFG on the edit caption after that.\n"
-        f"- Perceptual Guidance strength {PERCEPTUAL_STRENGTH} (0.05-0.15 typical; 0 = off) pulls the result toward "
+        f"- Perceptual Guidance strength {PERCEPTUAL_STRENGTH} (0.3-3; 0 = off; larger keeps more of the photo) "
+        "pulls the result toward "
         f"the photo by LPIPS in its window ({PERCEPTUAL_WINDOW[0]}-{PERCEPTUAL_WINDOW[1]}). decoder 'taesd' needs "
         f"{taesd}_decoder.safetensors in models/vae_approx (offered when the workflow loads; or choose 'vae': "
         "exact, much slower). The LPIPS trunk (e.g. vgg16-397923af.pth) is downloaded once by torchvision, or put "
@@ -407,11 +410,170 @@ def ablation_workflow() -> dict:
     return g.to_json()
 
 
+# --- flow-matching models: SD3.5 and Flux (issue 11) ------------------------------------------------------------------
+
+# All-in-one checkpoints (diffusion model, text encoders, VAE) that CheckpointLoaderSimple loads: SD3.5 Medium (2.5 B,
+# the practical size for gradients through the model: null-text inversion, full-gradient guidance; SD3.5 Large,
+# sd3.5_large_fp8_scaled.safetensors from the same repository, works the same) and Flux.1 dev fp8, as ComfyUI's own
+# examples and templates name them.
+CHECKPOINTS.update({
+    "sd35": {"name": "sd3.5_medium_incl_clips_t5xxlfp8scaled.safetensors", "directory": "checkpoints",
+             "url": "https://huggingface.co/Comfy-Org/stable-diffusion-3.5-fp8/resolve/main/"
+                    "sd3.5_medium_incl_clips_t5xxlfp8scaled.safetensors?download=true"},
+    "flux": {"name": "flux1-dev-fp8.safetensors", "directory": "checkpoints",
+             "url": "https://huggingface.co/Comfy-Org/flux1-dev/resolve/main/flux1-dev-fp8.safetensors?download=true"},
+})
+TAESD.update({
+    "sd35": {"name": "taesd3_decoder.safetensors", "directory": "vae_approx",
+             "url": "https://huggingface.co/madebyollin/taesd3/resolve/main/taesd3_decoder.safetensors"},
+    "flux": {"name": "taef1_decoder.safetensors", "directory": "vae_approx",
+             "url": "https://huggingface.co/madebyollin/taef1/resolve/main/taef1_decoder.safetensors"},
+})
+MEGAPIXELS.update({"sd35": 1.0, "flux": 1.0})  # both work at about 1024 x 1024
+FLOW = {  # per family: steps and scheduler (ComfyUI's templates), the CFG scale gamma, beta (the paper's 3 / 7.5)
+    "sd35": {"label": "SD3.5", "steps": 30, "scheduler": "sgm_uniform", "gamma": 4.5, "beta": 1.8},
+    "flux": {"label": "Flux.1 dev", "steps": 28, "scheduler": "simple", "gamma": 3.5, "beta": 1.4},
+}
+
+
+def flow_setup_note(family: str) -> str:
+    f = FLOW[family]
+    text = (
+        f"PSEdit ({f['label']}): edit a real photo with a caption, keep everything else.\n\n"
+        f"1. Load Checkpoint: {'a' if family == 'flux' else 'an'} {f['label']} checkpoint with its text encoders "
+        "(the missing-models dialog offers "
+        f"{CHECKPOINTS[family]['name']} and the {TAESD[family]['name']} the guidance uses).\n"
+        "2. Load Image: your photo, any size: 'photo at the model's size' scales it to about 1024x1024 pixels' worth "
+        "(1 megapixel), keeping its aspect; VAE Encode then crops each side to a multiple of 8.\n"
+        "3. source caption: what the photo shows. edit caption: the same sentence with the words to change "
+        "(\"cat\" -> \"tiger\").\n"
+    )
+    if family == "flux":
+        return text + (
+            "4. Queue. DDIM Invert turns the photo into the starting latent at Flux guidance 3.5 (FluxGuidance on the "
+            "source caption); PSEdit Inverted Noise hands it to the sampler (flow models replace the LATENT by the "
+            "noise at sigma 1, so DisableNoise would hand over nothing). Flux has no unconditional branch: no null "
+            "caption, no null-text inversion, the inversion alone reconstructs. Keep the same SIGMAS throughout."
+        )
+    return text + (
+        "4. Queue. Leave the null caption empty. DDIM Invert turns the photo into the starting latent, Null-Text "
+        f"Inversion fits the empty prompt (its tokens and pooled vector) per step for CFG {f['gamma']}; PSEdit "
+        "Inverted Noise hands the latent to the sampler (flow models replace the LATENT by the noise at sigma 1, so "
+        "DisableNoise would hand over nothing). Keep the same SIGMAS throughout."
+    )
+
+
+def flow_knobs_note(family: str) -> str:
+    f = FLOW[family]
+    if family == "flux":
+        text = (
+            "Knobs\n"
+            f"- Flux Guider beta: edit strength as the paper's beta (0 = the photo back; {f['beta']}: the paper's "
+            f"beta 3 at gamma 7.5, scaled to guidance {f['gamma']}; beta = guidance is plain Flux on the edit "
+            "caption). It computes e_g(src) + (beta/g) "
+            "(e_g(edit) - e_g(src)): Flux is guidance-distilled, e_g(c) = e_null + g (e_c - e_null), so this is the "
+            "paper's triple guidance with gamma = g, without a null prediction. guidance g: keep it equal to "
+            "FluxGuidance on the source caption (3.5).\n"
+        )
+    else:
+        text = (
+            "Knobs\n"
+            f"- Triple Guider beta: edit strength (0 = the photo back; {f['beta']} = the paper's 3/7.5 of gamma). "
+            f"gamma = CFG scale: keep it equal to Null-Text Inversion's guidance ({f['gamma']}).\n"
+        )
+    return text + (
+        f"- text guidance window {TEXT_WINDOW[0]}-{TEXT_WINDOW[1]}: triple guidance in the first 40% of the steps; "
+        "the edit caption alone (" + ("plain Flux" if family == "flux" else "plain CFG") + ") after that.\n"
+        f"- Perceptual Guidance strength {PERCEPTUAL_STRENGTH} (0.3-3; 0 = off; larger keeps more of the photo) "
+        "pulls the result toward "
+        f"the photo by LPIPS in its window ({PERCEPTUAL_WINDOW[0]}-{PERCEPTUAL_WINDOW[1]}). decoder 'taesd' needs "
+        f"{TAESD[family]['name']} in models/vae_approx (offered when the workflow loads; or choose 'vae': exact, "
+        "much slower). The LPIPS trunk (e.g. vgg16-397923af.pth) is downloaded once by torchvision, or put it in "
+        "models/lpips offline (see the README)."
+    )
+
+
+def flow_edit_workflow(family: str) -> dict:
+    """The full method on a flow-matching model: invert, (SD3.5) null-text inversion, text guidance in the first 40%
+    of the steps, perceptual guidance in 20-80%, sampled from PSEdit Inverted Noise."""
+    f = FLOW[family]
+    flux = family == "flux"
+    g = Graph(models=[TAESD[family]])
+    ckpt = g.add("CheckpointLoaderSimple", 0, 0, {"ckpt_name": CHECKPOINTS[family]["name"]}, width=340,
+                 models=[CHECKPOINTS[family]])
+    loaded = g.add("LoadImage", 0, 0, {"image": "example.png"}, title="Load Image (your photo)", width=340, height=380)
+    image = g.add("ImageScaleToTotalPixels", 0, 0, {"upscale_method": "lanczos", "megapixels": MEGAPIXELS[family]},
+                  title="photo at the model's size", width=340)
+    g.link(loaded, "IMAGE", image, "image")
+    encode = g.add("VAEEncode", 1, 0, width=360)
+    g.link(image, "IMAGE", encode, "pixels")
+    g.link(ckpt, "VAE", encode, "vae")
+    captions = [("source", SOURCE, "source caption: what the photo shows"),
+                ("edit", EDIT, "edit caption: what it should show")]
+    if not flux:
+        captions.insert(0, ("null", "", "null caption (leave empty)"))
+    texts = {}
+    for name, text, title in captions:
+        texts[name] = g.add("CLIPTextEncode", 1, 0, {"text": text}, title=title, width=360, height=130)
+        g.link(ckpt, "CLIP", texts[name], "clip")
+    source = texts["source"]
+    if flux:
+        source = g.add("FluxGuidance", 1, 0, {"guidance": f["gamma"]}, title="FluxGuidance (the source, inverted)",
+                       width=360)
+        g.link(texts["source"], "CONDITIONING", source, "conditioning")
+    sched = g.add("BasicScheduler", 2, 0, {"scheduler": f["scheduler"], "steps": f["steps"], "denoise": 1.0},
+                  width=320)
+    g.link(ckpt, "MODEL", sched, "model")
+    invert = g.add("PSEditDDIMInvert", 2, 0, {"cfg": 1.0, "refine": 2}, width=320)
+    g.link(ckpt, "MODEL", invert, "model")
+    g.link(encode, "LATENT", invert, "latent")
+    g.link(sched, "SIGMAS", invert, "sigmas")
+    g.link(source, "CONDITIONING", invert, "source")
+    noise = g.add("PSEditInvertedNoise", 2, 0, width=320)
+    g.link(invert, "inversion", noise, "inversion")
+    text_window = window(g, 3, 0, TEXT_WINDOW, "text guidance window")
+    if flux:
+        guider = g.add("PSEditFluxGuider", 3, 0, {"guidance": f["gamma"], "beta": f["beta"]}, width=320)
+    else:
+        nti = g.add("PSEditNullTextInversion", 2, 0,
+                    {"guidance": f["gamma"], "method": "null-text", "inner_iterations": 10, "early_stop": 1e-5,
+                     "learning_rate": 0.01}, width=320)
+        g.link(ckpt, "MODEL", nti, "model")
+        g.link(invert, "inversion", nti, "inversion")
+        g.link(texts["null"], "CONDITIONING", nti, "null")
+        g.link(texts["source"], "CONDITIONING", nti, "source")
+        guider = g.add("PSEditTripleGuider", 3, 0, {"gamma": f["gamma"], "beta": f["beta"]}, width=320)
+        g.link(texts["null"], "CONDITIONING", guider, "null")
+        g.link(nti, "null_schedule", guider, "null_schedule")
+    g.link(ckpt, "MODEL", guider, "model")
+    g.link(texts["source"], "CONDITIONING", guider, "source")
+    g.link(texts["edit"], "CONDITIONING", guider, "edit")
+    g.link(text_window, "window", guider, "window")
+    guided = perceptual(g, {"ckpt": ckpt, "image": image}, guider, 4, 0)
+    sampler = g.add("KSamplerSelect", 5, 0, {"sampler_name": "euler"}, title="KSamplerSelect (euler = DDIM)",
+                    width=320)
+    run = g.add("SamplerCustomAdvanced", 6, 0, width=300)
+    g.link(noise, "noise", run, "noise")
+    g.link(guided, "GUIDER", run, "guider")
+    g.link(sampler, "SAMPLER", run, "sampler")
+    g.link(sched, "SIGMAS", run, "sigmas")
+    g.link(invert, "inverted", run, "latent_image")
+    decode = g.add("VAEDecode", 6, 0, width=300)
+    g.link(run, "output", decode, "samples")
+    g.link(ckpt, "VAE", decode, "vae")
+    save(g, decode, f"psedit_edit_{family}", 7)
+    g.note(flow_setup_note(family), 0, -300, width=760, height=240)
+    g.note(flow_knobs_note(family), 3, -300, width=730, height=240)
+    return g.to_json()
+
+
 WORKFLOWS = {
     "psedit_edit_sd15": lambda: edit_workflow("sd15"),
     "psedit_ablation_sd15": ablation_workflow,
     "psedit_edit_sdxl": lambda: edit_workflow("sdxl"),
     "psedit_masked_edit_sd15": lambda: edit_workflow("sd15", masked=True),
+    "psedit_edit_sd35": lambda: flow_edit_workflow("sd35"),
+    "psedit_edit_flux": lambda: flow_edit_workflow("flux"),
 }
 
 

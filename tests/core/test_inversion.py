@@ -100,3 +100,37 @@ def test_rejects_bad_schedules(model, x0):
         ddim_invert(model.denoiser, x0, torch.tensor([1.0]))
     with pytest.raises(ValueError, match="refine"):
         ddim_invert(model.denoiser, x0, karras(10), refine=-1)
+
+
+def test_target_convention_is_the_ddim_inverse_step_at_the_target_timestep(model, x0):
+    """One plain step of convention 'target' is diffusers' / null-text inversion's DDIM inverse step written in
+    DDPM scaling: the model reads z = x / sqrt(1 + s_from^2) at the target level s_to, x0 from z at s_from, then
+    z_to = sqrt(abar_to) x0 + sqrt(1 - abar_to) eps."""
+    sigmas = torch.tensor([3.0, 1.2, 0.0], dtype=torch.float64)
+    x1 = x0 + 1.2 * torch.randn(x0.shape, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    got = ddim_invert(model.denoiser, x1, sigmas[:2], convention="target").inverted
+
+    def eps_of_z(z, s):  # what an eps-prediction UNet returns for input z at the timestep of noise level s
+        x = z * (1 + s**2) ** 0.5
+        return (x - model.denoiser(x, torch.full((x.shape[0],), s, dtype=x.dtype))) / s
+
+    a_from, a_to = 1 / (1 + 1.2**2), 1 / (1 + 3.0**2)
+    z = x1 * a_from**0.5
+    eps = eps_of_z(z, 3.0)
+    x0_pred = (z - (1 - a_from) ** 0.5 * eps) / a_from**0.5
+    z_to = a_to**0.5 * x0_pred + (1 - a_to) ** 0.5 * eps
+    assert torch.allclose(got, z_to / a_to**0.5, rtol=1e-10, atol=1e-10)
+    start = ddim_invert(model.denoiser, x1, sigmas[:2], convention="start").inverted
+    assert (start - got).abs().max() > 1e-3  # the two conventions differ
+
+
+def test_refine_solves_the_same_step_from_either_convention(model, x0):
+    sigmas = karras(10)
+    a = ddim_invert(model.denoiser, x0, sigmas, refine=30, convention="start").inverted
+    b = ddim_invert(model.denoiser, x0, sigmas, refine=30, convention="target").inverted
+    assert rms(a - b) < 1e-6 * rms(a)
+
+
+def test_unknown_convention_is_refused(model, x0):
+    with pytest.raises(ValueError, match="convention must be one of"):
+        ddim_invert(model.denoiser, x0, karras(3), convention="end")

@@ -161,23 +161,32 @@ def test_works_under_inference_mode_and_leaves_inputs(setup):
     assert steps and steps[0]["loss"].shape == (1,) and not steps[0]["skipped"]
 
 
-@pytest.mark.parametrize("target", ["noise", "x0"])
+@pytest.mark.parametrize("target", ["noise", "x0", "latent"])
 def test_euler_step_moves_the_latent_as_documented(setup, target):
-    """noise: an Euler step moves the latent by (sigma - sigma_next) * delta more; x0: by (1 - sigma_next/sigma)."""
+    """noise: an Euler step moves the latent by (sigma - sigma_next) * delta more; x0: by (1 - sigma_next/sigma);
+    latent: by delta itself, on every step."""
     cfg = PerceptualGuidanceConfig(scale=0.2, step="normalized", target=target)
-    seen = []
-    d = perceptual_guidance(setup.edit_model.denoiser, setup.decode, setup.loss, cfg,
-                            on_step=lambda info: seen.append(info))
     sigmas = torch.tensor([2.0, 1.5, 0.0])
+
+    def next_sigma(sigma):
+        return sigmas[(sigmas - sigma.reshape(-1)[0]).abs().argmin() + 1]
+
+    d = perceptual_guidance(setup.edit_model.denoiser, setup.decode, setup.loss, cfg, next_sigma=next_sigma)
     x = setup.x_T / 7
     guided = euler_sample(d, x, sigmas[:2])
     plain = euler_sample(setup.edit_model.denoiser, x, sigmas[:2])
     moved = (guided - plain).pow(2).mean().sqrt().item()
-    want = 0.2 * (0.5 if target == "noise" else 0.25)  # RMS of delta is 0.2 (normalized)
+    want = 0.2 * {"noise": 0.5, "x0": 0.25, "latent": 1.0}[target]  # RMS of delta is 0.2 (normalized)
     assert moved == pytest.approx(want, rel=1e-3), (moved, want)
     last = euler_sample(d, x, sigmas[1:]) - euler_sample(setup.edit_model.denoiser, x, sigmas[1:])
-    # the final step to sigma 0: noise moves 1.5 * 0.2, x0 moves all of delta (0.2)
+    # the final step to sigma 0: noise moves 1.5 * 0.2, x0 and latent all of delta (0.2)
     assert last.pow(2).mean().sqrt().item() == pytest.approx(0.2 * (1.5 if target == "noise" else 1.0), rel=1e-3)
+
+
+def test_latent_target_needs_the_next_sigma(setup):
+    with pytest.raises(ValueError, match="next_sigma"):
+        perceptual_guidance(setup.edit_model.denoiser, setup.decode, setup.loss,
+                            PerceptualGuidanceConfig(scale=0.2, target="latent"))
 
 
 def test_plain_step_does_not_shrink_with_the_image_size():

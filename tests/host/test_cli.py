@@ -184,7 +184,7 @@ def test_parser_defaults_and_required():
     parsed = build_parser().parse_args(["edit", "--checkpoint", "c", "--image", "i.png", "--source", "a", "--edit",
                                         "b", "--out", "o.png", "--text-window", "0", "0.3", "--method", "none"])
     assert parsed.text_window == [0.0, 0.3] and parsed.method == "none" and parsed.config == "perceptual"
-    assert (parsed.steps, parsed.gamma, parsed.beta, parsed.strength) == (50, 7.5, 3.0, 0.1)
+    assert (parsed.steps, parsed.gamma, parsed.beta, parsed.strength) == (50, 7.5, 3.0, 1.0)
     assert (parsed.lpips_net, parsed.decoder, parsed.inner_iterations, parsed.resize) == ("vgg", "taesd", 10, 0)
     assert parsed.perceptual_window == [0.2, 0.8]
     for bad in (["eval", "--checkpoint", "c"], ["edit", "--checkpoint", "c", "--image", "i", "--source", "a",

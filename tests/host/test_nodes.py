@@ -85,16 +85,25 @@ def test_invert_then_regenerate_reconstructs(setup):
     latent = random_latent()
     original = latent["samples"].clone()
     sigmas = sigmas_for(model)
-    errors = {}
+    errors, plain = {}, {}
     for refine in (0, 3):
         with torch.inference_mode():
             inverted, payload = DDIMInvert.execute(model, latent, sigmas, conds["source"], 1.0, refine)
+        plain[refine] = inverted
         assert inverted["samples"].shape == original.shape and payload.inversion.steps == 10
         assert inverted["samples"].std() > 3 * original.std()  # it really is a noise latent
         out = sample(cfg_guider(model, conds["source"], conds["null"], 1.0), inverted, sigmas)
         errors[refine] = rel_err(out, original)
     assert torch.equal(latent["samples"], original)  # input untouched
     assert errors[3] < 0.05 and errors[3] < errors[0] / 2, errors
+    with torch.inference_mode():
+        target, _ = DDIMInvert.execute(model, latent, sigmas, conds["source"], 1.0, 0, convention="target")
+        refined, _ = DDIMInvert.execute(model, latent, sigmas, conds["source"], 1.0, 3, convention="target")
+    out = sample(cfg_guider(model, conds["source"], conds["null"], 1.0), target, sigmas)
+    assert (target["samples"] - plain[0]["samples"]).abs().max() > 1e-4  # another plain step than 'start'
+    assert rel_err(out, original) < 2 * errors[0]  # and an inversion of the same quality
+    refined_out = sample(cfg_guider(model, conds["source"], conds["null"], 1.0), refined, sigmas)
+    assert rel_err(refined_out, original) < 0.05  # refine solves each step from it too
 
 
 def test_inversion_works_with_stock_ddim_sampler_and_other_scheduler(sd15):
@@ -138,6 +147,8 @@ def test_inversion_bad_inputs(sd15):
             DDIMInvert.execute(model, bad, sigmas, conds["source"], 1.0, 0)
         with pytest.raises(ValueError, match="connect a null"):
             DDIMInvert.execute(model, random_latent(), sigmas, conds["source"], 5.0, 0)
+        with pytest.raises(ValueError, match="convention must be one of"):
+            DDIMInvert.execute(model, random_latent(), sigmas, conds["source"], 1.0, 0, convention="middle")
         with pytest.raises(ValueError, match="FlipSigmas"):
             DDIMInvert.execute(model, random_latent(), sigmas.flip(0), conds["source"], 1.0, 0)
         with pytest.raises(ValueError, match="4-channel"):

@@ -29,7 +29,7 @@ from ui_to_api import ui_to_api  # noqa: E402
 SNAPSHOT = json.loads((tiny.REPO / "tests" / "data" / "object_info.json").read_text())
 WORKFLOWS = sorted(p.stem for p in (tiny.REPO / "example_workflows").glob("*.json"))
 PSEDIT_NODES = {"PSEditDDIMInvert", "PSEditNullTextInversion", "PSEditTripleGuider", "PSEditPerceptualGuidance",
-                "PSEditStepWindow", "PSEditEditMask"}
+                "PSEditStepWindow", "PSEditEditMask", "PSEditInvertedNoise", "PSEditFluxGuider"}
 SCHEMA_KEYS = ("input", "input_order", "output", "output_is_list", "output_name")
 
 

@@ -145,8 +145,13 @@ def _build_tiny(family, prediction, seed, size, std, dtype, manual_cast):
         with torch.no_grad():
             for p, q in zip(model.parameters(), reference.parameters(), strict=True):
                 p.copy_(q.to(p.dtype))
-    device = torch.device("cpu")
-    return comfy.model_patcher.ModelPatcher(model, load_device=device, offload_device=device)
+    cpu = torch.device("cpu")
+    if size == "full":  # benchmarks: loaded where ComfyUI would load it (the GPU when there is one)
+        import comfy.model_management
+
+        return comfy.model_patcher.ModelPatcher(model, load_device=comfy.model_management.get_torch_device(),
+                                                offload_device=cpu)
+    return comfy.model_patcher.ModelPatcher(model, load_device=cpu, offload_device=cpu)
 
 
 def conditioning(family: str, seed: int, tokens: int = 77):
@@ -271,3 +276,155 @@ def photo(size: int = 64, batch: int = 1) -> torch.Tensor:
     img = Image.fromarray(data.astronaut()).resize((size, size), Image.LANCZOS)
     t = torch.from_numpy(np.array(img)).float()[None] / 255
     return t.expand(batch, -1, -1, -1).contiguous()
+
+
+# --- flow-matching models (SD3 / SD3.5 MMDiT, Flux) ---------------------------------------------------------------
+
+FLOW_CONTEXT = 4096  # T5-XXL width: both families take their token sequence at this width
+FLOW_POOLED = {"sd3": 2048, "flux": 768}  # CLIP-L + CLIP-G pooled (SD3), CLIP-L pooled (Flux)
+FLOW_TOKENS = {"sd3": 154, "flux": 256}  # SD3: 77 CLIP-L/G + 77 T5 tokens; Flux: 256 T5 tokens
+
+
+def _sd3_config(size: str = "tiny") -> dict:
+    """An SD3.5-medium-shaped MMDiT-X: RMS q/k norms, extra image self-attention in the first blocks, a position
+    embedding table. ``tiny``: 2 joint blocks (hidden 128, 2 heads of 64), 16x16 patches (latents up to 32x32);
+    ``small`` (benchmarks on a CPU): 8 blocks, hidden 512; ``full``: SD3.5 Medium itself (24 blocks, hidden 1536,
+    2.5 B parameters, 384x384 patches)."""
+    depth, side, self_attn = {"tiny": (2, 16, [0]), "small": (8, 64, list(range(4))),
+                              "full": (24, 384, list(range(13)))}[size]
+    return dict(
+        in_channels=16, out_channels=16, patch_size=2, depth=depth, input_size=None,
+        adm_in_channels=FLOW_POOLED["sd3"],
+        context_embedder_config={"target": "torch.nn.Linear", "params": {"in_features": FLOW_CONTEXT,
+                                                                          "out_features": 64 * depth}},
+        num_patches=side * side, pos_embed_max_size=side, qk_norm="rms", pos_embed_scaling_factor=None,
+        x_block_self_attn_layers=self_attn,
+    )
+
+
+def _flux_config(guidance_embed: bool = True, size: str = "tiny") -> dict:
+    """A Flux-shaped double/single-stream transformer with guidance embedding (Flux dev) unless ``guidance_embed``
+    is False. ``tiny``: hidden 64, 2 heads (rotary axes 4+14+14), one double and one single block; ``small``
+    (benchmarks on a CPU): hidden 512, 4 heads, 2 double and 4 single blocks; ``full``: Flux.1 dev itself (hidden
+    3072, 24 heads, 19 double and 38 single blocks, 12 B parameters)."""
+    hidden, heads, depth, single, axes = {"tiny": (64, 2, 1, 1, [4, 14, 14]), "small": (512, 4, 2, 4, [16, 56, 56]),
+                                          "full": (3072, 24, 19, 38, [16, 56, 56])}[size]
+    return dict(
+        image_model="flux", in_channels=16, out_channels=16, vec_in_dim=FLOW_POOLED["flux"],
+        context_in_dim=FLOW_CONTEXT, hidden_size=hidden, mlp_ratio=4.0, num_heads=heads, depth=depth,
+        depth_single_blocks=single, axes_dim=axes, theta=10000, patch_size=2, qkv_bias=True,
+        guidance_embed=guidance_embed,
+    )
+
+
+def build_tiny_flow(family: str = "sd3", seed: int = 0, std: float = 0.05, inference: bool = True,
+                    size: str = "tiny", dtype: torch.dtype = torch.float32):
+    """A ModelPatcher around a tiny SD3 (MMDiT, ``comfy.supported_models.SD3``, model sampling ``CONST`` +
+    ``ModelSamplingDiscreteFlow`` shift 3) or Flux dev (``comfy.supported_models.Flux``, ``CONST`` +
+    ``ModelSamplingFlux``, guidance-distilled) built from ComfyUI's own classes with deterministic random weights,
+    under ``torch.inference_mode()`` as ComfyUI's executor builds every model. ``size`` "small" / "full" build the
+    benchmark architectures (:func:`_sd3_config`, :func:`_flux_config`; "full" is for a GPU: 2.5 B / 12 B
+    parameters), stored as ``dtype``."""
+    with torch.inference_mode(inference):
+        import_comfy()
+        import comfy.model_base
+        import comfy.model_patcher
+        import comfy.supported_models
+
+        if family == "sd3":
+            config = comfy.supported_models.SD3(_sd3_config(size))
+        elif family == "flux":
+            config = comfy.supported_models.Flux(_flux_config(size=size))
+        else:
+            raise ValueError(f"family must be 'sd3' or 'flux', got {family!r}")
+        config.set_inference_dtype(dtype, None)
+        model = config.get_model({})
+        init_random(model, seed, std)
+        if family == "sd3":  # a buffer, which init_random leaves as allocated: SD3's fixed 2D sin-cos embedding
+            from comfy.ldm.modules.diffusionmodules.mmdit import get_2d_sincos_pos_embed_torch
+
+            net = model.diffusion_model
+            side = net.pos_embed_max_size
+            net.pos_embed.copy_(get_2d_sincos_pos_embed_torch(net.hidden_size, side, side)[None])
+        device = torch.device("cpu")
+        return comfy.model_patcher.ModelPatcher(model, load_device=device, offload_device=device)
+
+
+def flow_conditioning(family: str, seed: int, tokens: int | None = None, guidance: float | None = None):
+    """CONDITIONING as CLIPTextEncode makes it for SD3 (token sequence [1, 154, 4096], pooled [1, 2048]) or Flux
+    ([1, 256, 4096], pooled [1, 768]; ``guidance`` as FluxGuidance sets it), random but deterministic in ``seed``."""
+    g = torch.Generator().manual_seed(2000 + seed)
+    extra = {"pooled_output": torch.randn(1, FLOW_POOLED[family], generator=g)}
+    if guidance is not None:
+        extra["guidance"] = guidance
+    return [[torch.randn(1, tokens or FLOW_TOKENS[family], FLOW_CONTEXT, generator=g), extra]]
+
+
+def random_taesd_decoder(folder, name: str, latent_channels: int = 16, seed: int = 0) -> Path:
+    """Write ``<name>.safetensors`` (e.g. ``taesd3_decoder``, ``taef1_decoder``) into ``folder``: ComfyUI's TAESD
+    ``Decoder`` with deterministic random weights (the real files are not in ../shared/weights)."""
+    import_comfy()
+    from comfy.taesd.taesd import Decoder
+    from safetensors.torch import save_file
+
+    decoder = Decoder(latent_channels=latent_channels)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in decoder.parameters():  # LeCun-initialised convolutions (outputs of std ~0.2), zero biases
+            p.copy_(torch.randn(p.shape, generator=g) * (1.0 / p[0].numel()) ** 0.5 if p.ndim > 1
+                    else torch.zeros_like(p))  # ComfyUI's layers leave them uninitialised (possibly NaN)
+    path = Path(folder) / f"{name}.safetensors"
+    save_file({k: v.contiguous() for k, v in decoder.state_dict().items()}, str(path))
+    return path
+
+
+def random_sd3_vae(seed: int = 0, std: float = 0.02):
+    """A ComfyUI VAE with the SD3 / Flux autoencoder architecture (16 latent channels, no quant convs), random
+    weights; ``comfy.sd.VAE`` detects it from the state dict as it detects the real file."""
+    import_comfy()
+    import comfy.sd
+    from comfy.ldm.models.autoencoder import AutoencodingEngine
+
+    ddconfig = {"double_z": True, "z_channels": 16, "resolution": 256, "in_channels": 3, "out_ch": 3, "ch": 128,
+                "ch_mult": [1, 2, 4, 4], "num_res_blocks": 2, "attn_resolutions": [], "dropout": 0.0}
+    regularizer = {"target": "comfy.ldm.models.autoencoder.DiagonalGaussianRegularizer"}
+    model = AutoencodingEngine(regularizer_config=regularizer,
+                               encoder_config={"target": "comfy.ldm.modules.diffusionmodules.model.Encoder",
+                                               "params": ddconfig},
+                               decoder_config={"target": "comfy.ldm.modules.diffusionmodules.model.Decoder",
+                                               "params": ddconfig})
+    init_random(model, seed, std)
+    with torch.inference_mode():
+        return comfy.sd.VAE(sd=model.state_dict())
+
+
+UNSUPPORTED = ("auraflow", "wan21_t2v", "stable_cascade_c", "flux_schnell")
+
+
+def build_tiny_unsupported(kind: str):
+    """A ModelPatcher around a tiny model of a family PSEdit does not handle (AuraFlow, the Wan 2.1 text-to-video
+    model, Stable Cascade stage C, Flux schnell), from ComfyUI's own config and model classes, built under inference
+    mode. Weights are left as ComfyUI's layers leave them: these models are only refused, never run."""
+    with torch.inference_mode():
+        import_comfy()
+        import comfy.model_patcher
+        import comfy.supported_models as sm
+
+        if kind == "auraflow":
+            config = sm.AuraFlow(dict(cond_seq_dim=2048, dim=64, n_layers=2, n_double_layers=1, n_heads=2,
+                                      global_conddim=64, max_seq=256, in_channels=4, out_channels=4, patch_size=2))
+        elif kind == "wan21_t2v":
+            config = sm.WAN21_T2V(dict(image_model="wan2.1", model_type="t2v", dim=64, ffn_dim=128, num_heads=2,
+                                       num_layers=1, in_dim=16, out_dim=16, text_dim=4096, freq_dim=256,
+                                       text_len=512))
+        elif kind == "stable_cascade_c":
+            config = sm.Stable_Cascade_C(dict(stable_cascade_stage="c", c_cond=64, c_hidden=[64, 64], nhead=[2, 2],
+                                              blocks=[[1, 1], [1, 1]], block_repeat=[[1, 1], [1, 1]]))
+        elif kind == "flux_schnell":
+            config = sm.FluxSchnell(_flux_config(guidance_embed=False))
+        else:
+            raise ValueError(f"kind must be one of {UNSUPPORTED}, got {kind!r}")
+        config.set_inference_dtype(torch.float32, None)
+        model = config.get_model({})
+        device = torch.device("cpu")
+        return comfy.model_patcher.ModelPatcher(model, load_device=device, offload_device=device)

@@ -14,9 +14,17 @@ from validate import overlaps, validate
 REPO = Path(__file__).resolve().parents[2]
 OBJECT_INFO = json.loads((REPO / "tests" / "data" / "object_info.json").read_text())
 WORKFLOWS = sorted((REPO / "example_workflows").glob("*.json"))
-EXPECTED = {"psedit_edit_sd15", "psedit_ablation_sd15", "psedit_edit_sdxl", "psedit_masked_edit_sd15"}
+EXPECTED = {"psedit_edit_sd15", "psedit_ablation_sd15", "psedit_edit_sdxl", "psedit_masked_edit_sd15",
+            "psedit_edit_sd35", "psedit_edit_flux"}
 PSEDIT_NODES = {"PSEditDDIMInvert", "PSEditNullTextInversion", "PSEditTripleGuider", "PSEditPerceptualGuidance",
-                "PSEditStepWindow", "PSEditEditMask"}
+                "PSEditStepWindow", "PSEditEditMask", "PSEditInvertedNoise", "PSEditFluxGuider"}
+# Per workflow: the TAESD decoder it declares and the image side its photo is scaled to.
+TAESD_OF = {"sd15": "taesd_decoder", "sdxl": "taesdxl_decoder", "sd35": "taesd3_decoder", "flux": "taef1_decoder"}
+SIDE_OF = {"sd15": 512, "sdxl": 1024, "sd35": 1024, "flux": 1024}
+
+
+def family_of(stem: str) -> str:
+    return stem.rsplit("_", 1)[1]
 
 
 def load(name_or_path):
@@ -91,10 +99,10 @@ def test_workflow_converts_to_api_prompt(path):
 def test_edit_workflow_settings():
     wf = load("psedit_edit_sd15")
     assert widgets(node_of(wf, "BasicScheduler")) == {"scheduler": "normal", "steps": 50, "denoise": 1.0}
-    assert widgets(node_of(wf, "PSEditDDIMInvert")) == {"cfg": 1.0, "refine": 2}
+    assert widgets(node_of(wf, "PSEditDDIMInvert")) == {"cfg": 1.0, "refine": 2, "convention": "start"}
     assert widgets(node_of(wf, "PSEditNullTextInversion")) == {
         "guidance": 7.5, "method": "null-text", "inner_iterations": 10, "early_stop": 1e-5, "learning_rate": 0.01,
-        "early_stop_rule": "mokady"}
+        "early_stop_rule": "mokady", "optimise": "all"}
     texts = sorted(widgets(n)["text"] for n in nodes_of(wf, "CLIPTextEncode"))
     assert texts == ["", "a cat sitting on a sofa", "a tiger sitting on a sofa"]
     guider = node_of(wf, "PSEditTripleGuider")
@@ -106,7 +114,7 @@ def test_edit_workflow_settings():
     assert widgets(source_of(wf, perceptual, "window")) == {"start": 0.2, "end": 0.8}
     w = widgets(perceptual)
     assert (w["lpips_net"], w["gradient"], w["decoder"], w["step"]) == ("vgg", "x0", "taesd", "normalized")
-    assert 0 < w["strength"] <= 0.3
+    assert 0.3 <= w["strength"] <= 3  # the range that acts on the toy world without holding the edit back
     run = node_of(wf, "SamplerCustomAdvanced")
     assert source_of(wf, run, "noise")["type"] == "DisableNoise"
     assert widgets(source_of(wf, run, "sampler")) == {"sampler_name": "euler"}
@@ -173,7 +181,7 @@ def test_workflow_declares_its_model_files(path):
     loader = node_of(wf, "CheckpointLoaderSimple")
     declared = loader["properties"]["models"]
     assert [m["name"] for m in declared] == [widgets(loader)["ckpt_name"]]
-    taesd = "taesdxl_decoder.safetensors" if "sdxl" in path.stem else "taesd_decoder.safetensors"
+    taesd = f"{TAESD_OF[family_of(path.stem)]}.safetensors"
     assert [(m["name"], m["directory"]) for m in wf["models"]] == [(taesd, "vae_approx")]
     for m in declared + wf["models"]:
         assert m["url"].startswith(ALLOWED_DOWNLOADS) and m["name"].endswith(".safetensors"), m
@@ -188,7 +196,7 @@ def test_the_photo_is_scaled_to_the_model_before_anything_uses_it(path):
     wf = load(path)
     scale = source_of(wf, node_of(wf, "VAEEncode"), "pixels")
     assert scale["type"] == "ImageScaleToTotalPixels" and source_of(wf, scale, "image")["type"] == "LoadImage"
-    side = 1024 if "sdxl" in path.stem else 512
+    side = SIDE_OF[family_of(path.stem)]
     assert widgets(scale)["megapixels"] * 1024 * 1024 == side * side  # the node's megapixel is 1024 x 1024
     for n in nodes_of(wf, "PSEditPerceptualGuidance"):
         assert source_of(wf, n, "image") is scale
@@ -212,6 +220,60 @@ def test_masked_workflow_uses_the_mask():
     mask = node_of(wf, "PSEditEditMask")
     assert source_of(wf, node_of(wf, "PSEditPerceptualGuidance"), "mask") is mask
     assert "PreviewImage" in {n["type"] for n in wf["nodes"]}
+
+
+# --- flow-matching models (SD3.5, Flux) -------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("name", ["psedit_edit_sd35", "psedit_edit_flux"])
+def test_flow_workflows_hand_the_inversion_over_as_noise(name):
+    """Flow models replace latent_image by the noise at sigma 1: the sampler's noise is PSEdit Inverted Noise of the
+    same inversion, its latent the inverted LATENT, its SIGMAS the inversion's; euler; the full method's windows."""
+    wf = load(name)
+    invert, run = node_of(wf, "PSEditDDIMInvert"), node_of(wf, "SamplerCustomAdvanced")
+    noise = source_of(wf, run, "noise")
+    assert noise["type"] == "PSEditInvertedNoise" and source_of(wf, noise, "inversion") is invert
+    assert source_of(wf, run, "latent_image") is invert
+    assert source_of(wf, run, "sigmas") is source_of(wf, invert, "sigmas")
+    assert widgets(source_of(wf, run, "sampler")) == {"sampler_name": "euler"}
+    assert "DisableNoise" not in {n["type"] for n in wf["nodes"]}
+    perceptual = source_of(wf, run, "guider")
+    assert perceptual["type"] == "PSEditPerceptualGuidance"
+    assert widgets(source_of(wf, perceptual, "window")) == {"start": 0.2, "end": 0.8}
+    assert widgets(source_of(wf, source_of(wf, perceptual, "guider"), "window")) == {"start": 0.0, "end": 0.4}
+    assert widgets(invert) == {"cfg": 1.0, "refine": 2, "convention": "start"}
+
+
+def test_sd35_workflow_settings():
+    wf = load("psedit_edit_sd35")
+    assert widgets(node_of(wf, "BasicScheduler"))["scheduler"] == "sgm_uniform"
+    guider = node_of(wf, "PSEditTripleGuider")
+    nti = source_of(wf, guider, "null_schedule")
+    assert nti["type"] == "PSEditNullTextInversion" and widgets(nti)["optimise"] == "all"
+    assert widgets(guider)["gamma"] == widgets(nti)["guidance"] == 4.5
+    assert widgets(guider)["beta"] == pytest.approx(4.5 * 3.0 / 7.5)  # the paper's beta / gamma
+    notes = " ".join(n["widgets_values"][0] for n in nodes_of(wf, "Note"))
+    assert "SD3.5" in notes and "taesd3_decoder" in notes and "Inverted Noise" in notes
+
+
+def test_flux_workflow_settings():
+    """Flux is guidance-distilled: no null caption, no null-text inversion; DDIM Invert's source goes through
+    FluxGuidance at the Flux Guider's guidance, which the guider sets on both captions itself."""
+    wf = load("psedit_edit_flux")
+    types = {n["type"] for n in wf["nodes"]}
+    assert "PSEditNullTextInversion" not in types and "PSEditTripleGuider" not in types
+    assert sorted(widgets(n)["text"] for n in nodes_of(wf, "CLIPTextEncode")) == [SOURCE_TEXT, EDIT_TEXT]
+    guider = node_of(wf, "PSEditFluxGuider")
+    flux_guidance = source_of(wf, node_of(wf, "PSEditDDIMInvert"), "source")
+    assert flux_guidance["type"] == "FluxGuidance"
+    assert widgets(flux_guidance)["guidance"] == widgets(guider)["guidance"] == 3.5
+    assert source_of(wf, flux_guidance, "conditioning") is source_of(wf, guider, "source")
+    assert widgets(guider)["beta"] == pytest.approx(3.5 * 3.0 / 7.5)
+    assert widgets(node_of(wf, "BasicScheduler"))["scheduler"] == "simple"
+    notes = " ".join(n["widgets_values"][0] for n in nodes_of(wf, "Note"))
+    assert "Flux" in notes and "taef1_decoder" in notes and "guidance-distilled" in notes
+
+
+SOURCE_TEXT, EDIT_TEXT = "a cat sitting on a sofa", "a tiger sitting on a sofa"
 
 
 # --- the validator and converter catch broken workflows ---------------------------------------------------------------
