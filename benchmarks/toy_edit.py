@@ -136,6 +136,11 @@ def main() -> None:
                    help="Perceptual Guidance's target (the node's default is x0)")
     p.add_argument("--comfyui", default=None)
     a = p.parse_args()
+    if a.sweep_n > 0:
+        try:
+            import matplotlib  # noqa: F401  (the sweep's plot; checked before an hour of sampling)
+        except ImportError:
+            p.error("the sweep plot needs matplotlib: pip install matplotlib (or pass --sweep-n 0)")
     logging.basicConfig(level=logging.WARNING)
     a.out.mkdir(parents=True, exist_ok=True)
     world = R.load_world(a.comfyui)

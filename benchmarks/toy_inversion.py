@@ -64,7 +64,9 @@ def main() -> None:
                         psnr.append(E.psnr(R.to_uint8(world.vae.decode(out)), ceiling))
                 rows.append({"steps": steps, "refine": refine, "convention": convention, "rms": np.mean(rms),
                              "psnr": np.mean(psnr)})
-                print(rows[-1], flush=True)
+                r = rows[-1]
+                print(f"{r['steps']} steps, refine {r['refine']}, {r['convention']}: RMS {r['rms']:.2e}, "
+                      f"{r['psnr']:.2f} dB", flush=True)
     print(f"\n{a.n} held-out scenes, CFG 1; {device_name()}\n")
     print(table(rows, [("steps", "steps", "d"), ("refine", "refine", "d"), ("convention", "convention", "s"),
                        ("rms", "latent round-trip RMS", ".2e"), ("psnr", "PSNR vs TAESD ceiling (dB)", ".2f")]))

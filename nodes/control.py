@@ -453,7 +453,12 @@ class Controller:
         key = (context.device, context.dtype, context.shape[1:])
         if key not in run.conds:
             mine = self.edit_cond[0][0]
-            run.conds[key] = mine[:1].to(context.device, context.dtype) if mine.shape[1:] == context.shape[1:] else None
+            length = mine.shape[1]
+            # batched with a longer text (a long negative prompt), ComfyUI repeats the caption's tokens to the longer
+            # length (comfy.conds.CONDCrossAttn.concat), so look for the repeated caption
+            fits = mine.shape[2:] == context.shape[2:] and context.shape[1] % length == 0
+            run.conds[key] = (mine[:1].repeat(1, context.shape[1] // length, 1).to(context.device, context.dtype)
+                              if fits else None)
         edit = run.conds[key]
         n = max(len(cond_or_uncond), 1)
         b = context.shape[0] // n
@@ -528,9 +533,10 @@ class Controller:
             return default()
         a_src = self._usable(("cross", layer))
         align = self.plan.alignment
-        if k.shape[1] != a_src.shape[-1]:
+        tokens = a_src.shape[-1]
+        if k.shape[1] % tokens:
             raise ValueError(
-                f"{self.name}: the guider's text has {k.shape[1]} tokens but the source caption {a_src.shape[-1]}: "
+                f"{self.name}: the guider's text has {k.shape[1]} tokens but the source caption {tokens}: "
                 "keep every caption within one 77-token window (and do not concatenate conditionings)"
             )
         base = prev(q, k, v, extra) if prev is not None else None  # a shadowed patch sees the whole batch
@@ -542,9 +548,12 @@ class Controller:
                             optimized_attention(q[rows], k[rows], v[rows], heads,
                                                 attn_precision=extra.get("attn_precision")))
                 continue
+            # an edit branch repeated to a longer batch (see _roles) holds its caption's tokens k times; softmax over
+            # k identical copies is the caption's own attention split k ways, so its first copy gives the same output
+            k_own, v_own = k[rows, :tokens], v[rows, :tokens]
             needs_own = align.mode != "replace" and bool((align.alpha < 1).any())
-            a_edit = attention_probs(q[rows], k[rows], heads) if needs_own else None
-            outs.append(attention_output(edit_cross_attention(a_src, a_edit, align), v[rows], heads))
+            a_edit = attention_probs(q[rows], k_own, heads) if needs_own else None
+            outs.append(attention_output(edit_cross_attention(a_src, a_edit, align), v_own, heads))
         return torch.cat(outs, dim=0)
 
     def _inject_self(self, layer, q, k, v, heads, extra, default):

@@ -69,7 +69,8 @@ class StepWindowNode(io.ComfyNode):
 # --- triple guidance -------------------------------------------------------------------------------------------------
 
 class TripleGuider(comfy.samplers.CFGGuider):
-    """``null + gamma (src - null) + beta (edit - src)`` inside the window, plain CFG(null, edit, gamma) outside.
+    """``null + gamma (src - null) + beta (edit - src)`` inside the window, plain CFG(null, edit, gamma) outside and
+    at ``beta = gamma`` (where the source cancels: two branches instead of three).
 
     It composes with model patches the way DualCFGGuider(cond1 = edit, cond2 = source, negative = null,
     cfg_conds = beta, cfg_cond2_negative = gamma) does, which computes the same sum:
@@ -113,7 +114,8 @@ class TripleGuider(comfy.samplers.CFGGuider):
     def predict_noise(self, x, timestep, model_options={}, seed=None):  # noqa: B006 (ComfyUI's signature)
         null = self.null_for(model_options, timestep)
         edit = self.conds.get("positive")
-        if not window_active(self.window, model_options, timestep):
+        if self.beta == self.gamma or not window_active(self.window, model_options, timestep):
+            # beta = gamma: the source cancels (null + gamma (edit - null)), so CFG alone, one branch fewer
             return comfy.samplers.sampling_function(
                 self.inner_model, x, timestep, null, edit, self.gamma, model_options=model_options, seed=seed
             )
@@ -144,9 +146,10 @@ class TripleGuiderNode(io.ComfyNode):
             description=(
                 "Text guidance optimisation (arXiv 2312.06680 eq. 1-2): e = e_null + gamma (e_src - e_null) + "
                 "beta (e_edit - e_src), from one batched model call. beta = 0 reconstructs the photo, larger beta "
-                "edits more. Outside the window it is plain CFG on the edit prompt with scale gamma. Model "
-                "patches (RescaleCFG, TCFG, APG, SAG) and ControlNets apply as with DualCFGGuider (cond1 edit, "
-                "cond2 source, negative null, cfg_conds beta, cfg_cond2_negative gamma), which gives the same sum."
+                "edits more. Outside the window, and wherever beta = gamma (the source cancels), it is plain CFG "
+                "on the edit prompt with scale gamma, from two branches. Model patches (RescaleCFG, TCFG, APG, "
+                "SAG) and ControlNets apply as with DualCFGGuider (cond1 edit, cond2 source, negative null, "
+                "cfg_conds beta, cfg_cond2_negative gamma), which gives the same sum."
             ),
             inputs=[
                 io.Model.Input("model", tooltip="The checkpoint's MODEL."),

@@ -6,6 +6,10 @@ Reads tests/data/object_info.json (tools/snapshot_object_info.py refreshes it fr
 defaults and socket types always follow the real schemas; tests/workflows/ validates the result against the same
 file. Edit the graphs here, not the JSON.
 
+File names: the frontend titles a custom node pack's template by its file name (and turns the same name, with - and _
+as spaces, into its description), so each workflow is written to ``example_workflows/<title>.json`` (TITLES,
+path_of); the ids (WORKFLOWS' keys) are what code and tests call them.
+
 Layout: nodes sit in columns, left to right in the order data flows; a column stacks its nodes top-down (a node may
 ask for a minimum y to line up with a branch). Node sizes are at least what the frontend needs for their sockets and
 widgets, and column widths follow their widest node, so nothing overlaps.
@@ -34,6 +38,27 @@ PERCEPTUAL_WINDOW = (0.2, 0.8)
 # (benchmarks/toy_perceptual.py): 0.1 changed nothing measurable; 1-3 raised background PSNR at the same edit success.
 PERCEPTUAL_STRENGTH = 1.0
 SOURCE, EDIT = "a cat sitting on a sofa", "a tiger sitting on a sofa"
+# Prompt-to-Prompt's and Plug-and-Play's defaults (the nodes' own): windows as fractions of the steps.
+P2P_CROSS, P2P_SELF = (0.0, 0.8), (0.0, 0.4)
+PNP_FEATURE, PNP_ATTN = (0.0, 0.8), (0.0, 0.5)
+
+# The template browser's title of each workflow, and its file name (see the module docstring): short, readable, no
+# underscores (the description would show them as spaces), slashes or apostrophes.
+TITLES = {
+    "psedit_edit_sd15": "PSEdit - edit a photo (SD1.5)",
+    "psedit_ablation_sd15": "PSEdit - ablation, three rows of the paper (SD1.5)",
+    "psedit_edit_sdxl": "PSEdit - edit a photo (SDXL)",
+    "psedit_masked_edit_sd15": "PSEdit - masked edit (SD1.5)",
+    "psedit_edit_sd35": "PSEdit - edit a photo (SD3.5)",
+    "psedit_edit_flux": "PSEdit - edit a photo (Flux.1 dev)",
+    "psedit_p2p_sd15": "PSEdit - Prompt-to-Prompt (SD1.5)",
+    "psedit_pnp_sd15": "PSEdit - Plug-and-Play (SD1.5)",
+}
+
+
+def path_of(name: str) -> Path:
+    """The file of the workflow with id ``name`` (a WORKFLOWS key): ``example_workflows/<its title>.json``."""
+    return OUT / f"{TITLES[name]}.json"
 
 # Model files each workflow names, with the download the frontend's missing-models dialog offers (it accepts
 # huggingface.co / civitai.com .safetensors links). Checkpoints ride on their loader node (the frontend lists a
@@ -140,7 +165,9 @@ class Graph:
     def link(self, src: dict, output: str | int, dst: dict, input_name: str) -> None:
         slot = output if isinstance(output, int) else next(
             i for i, o in enumerate(src["outputs"]) if o["name"] == output)
-        target = next(i for i, inp in enumerate(dst["inputs"]) if inp["name"] == input_name)
+        target = next((i for i, inp in enumerate(dst["inputs"]) if inp["name"] == input_name), None)
+        if target is None:
+            target = self._widget_socket(dst, input_name)
         if dst["inputs"][target]["link"] is not None:
             raise ValueError(f"{dst['type']}.{input_name} is already connected")
         link_id = len(self.links) + 1
@@ -150,6 +177,17 @@ class Graph:
         self.links.append([link_id, src["id"], slot, dst["id"], target, type_])
         src["outputs"][slot]["links"].append(link_id)
         dst["inputs"][target]["link"] = link_id
+
+    @staticmethod
+    def _widget_socket(node: dict, name: str) -> int:
+        """A socket on widget ``name`` (what the frontend makes when a link is dropped on a widget): appended to the
+        node's inputs with a ``widget`` entry; the widget keeps its value in ``widgets_values``."""
+        spec = next((s for n, s, _ in ordered_inputs(INFO[node["type"]]) if n == name), None)
+        if spec is None or not is_widget(spec):
+            raise KeyError(f"{node['type']} has no input or widget {name!r}")
+        type_ = "COMBO" if isinstance(spec[0], list) else spec[0]
+        node["inputs"].append({"name": name, "type": type_, "widget": {"name": name}, "link": None})
+        return len(node["inputs"]) - 1
 
     def layout(self) -> None:
         by_id = {n["id"]: n for n in self.nodes}
@@ -196,9 +234,12 @@ class Graph:
 
 # --- building blocks --------------------------------------------------------------------------------------------------
 
-def loaders(g: Graph, family: str, photo: str, steps: int = STEPS) -> dict:
+def loaders(g: Graph, family: str, photo: str, steps: int = STEPS, nulltext: bool = True,
+            captions: bool = False) -> dict:
     """Columns 0-2: checkpoint, photo scaled to the model's size, three captions, VAE encode, sigmas, DDIM
-    inversion, null-text inversion."""
+    inversion, null-text inversion (``nulltext``). ``captions``: the source and edit captions are typed once, in two
+    String nodes (column 0) that feed their CLIPTextEncode and, by the caller, the attention/feature control nodes,
+    which must see the same texts."""
     ckpt = CHECKPOINTS[family]
     ckpt_node = g.add("CheckpointLoaderSimple", 0, 0, {"ckpt_name": ckpt["name"]}, width=340, models=[ckpt])
     loaded = g.add("LoadImage", 0, 0, {"image": photo}, title="Load Image (your photo)", width=340, height=380)
@@ -208,12 +249,18 @@ def loaders(g: Graph, family: str, photo: str, steps: int = STEPS) -> dict:
     encode = g.add("VAEEncode", 1, 0, width=360)
     g.link(image, "IMAGE", encode, "pixels")
     g.link(ckpt_node, "VAE", encode, "vae")
-    texts = {}
+    texts, strings = {}, {}
     for name, text, title in (("null", "", "null caption (leave empty)"),
                               ("source", SOURCE, "source caption: what the photo shows"),
                               ("edit", EDIT, "edit caption: what it should show")):
+        if captions and name != "null":
+            strings[name] = g.add("PrimitiveStringMultiline", 0, 0, {"value": text}, title=title, width=340,
+                                  height=110)
+            title = f"encode the {name} caption"
         texts[name] = g.add("CLIPTextEncode", 1, 0, {"text": text}, title=title, width=360, height=130)
         g.link(ckpt_node, "CLIP", texts[name], "clip")
+        if name in strings:
+            g.link(strings[name], "STRING", texts[name], "text")
     sched = g.add("BasicScheduler", 2, 0, {"scheduler": "normal", "steps": steps, "denoise": 1.0}, width=320)
     g.link(ckpt_node, "MODEL", sched, "model")
     invert = g.add("PSEditDDIMInvert", 2, 0, {"cfg": 1.0, "refine": 2}, width=320)
@@ -221,15 +268,17 @@ def loaders(g: Graph, family: str, photo: str, steps: int = STEPS) -> dict:
     g.link(encode, "LATENT", invert, "latent")
     g.link(sched, "SIGMAS", invert, "sigmas")
     g.link(texts["source"], "CONDITIONING", invert, "source")
-    nti = g.add("PSEditNullTextInversion", 2, 0,
-                {"guidance": GAMMA, "method": "null-text", "inner_iterations": 10, "early_stop": 1e-5,
-                 "learning_rate": 0.01}, width=320)
-    g.link(ckpt_node, "MODEL", nti, "model")
-    g.link(invert, "inversion", nti, "inversion")
-    g.link(texts["null"], "CONDITIONING", nti, "null")
-    g.link(texts["source"], "CONDITIONING", nti, "source")
+    nti = None
+    if nulltext:
+        nti = g.add("PSEditNullTextInversion", 2, 0,
+                    {"guidance": GAMMA, "method": "null-text", "inner_iterations": 10, "early_stop": 1e-5,
+                     "learning_rate": 0.01}, width=320)
+        g.link(ckpt_node, "MODEL", nti, "model")
+        g.link(invert, "inversion", nti, "inversion")
+        g.link(texts["null"], "CONDITIONING", nti, "null")
+        g.link(texts["source"], "CONDITIONING", nti, "source")
     return {"ckpt": ckpt_node, "loaded": loaded, "image": image, "encode": encode, "sched": sched,
-            "invert": invert, "nti": nti, **texts}
+            "invert": invert, "nti": nti, **texts, **{f"{k}_text": v for k, v in strings.items()}}
 
 
 def window(g: Graph, col: int, y: float, span: tuple[float, float], title: str) -> dict:
@@ -237,20 +286,41 @@ def window(g: Graph, col: int, y: float, span: tuple[float, float], title: str) 
 
 
 def triple(g: Graph, s: dict, col: int, y: float, beta: float, span: tuple[float, float] | None,
-           title: str = "PSEdit Triple Guider") -> dict:
+           title: str = "PSEdit Triple Guider", model: dict | None = None) -> dict:
+    """The Triple Guider on the checkpoint's MODEL (or ``model``: a control node's), with the null-text schedule
+    when the graph has one."""
     w = window(g, col, y, span, "text guidance window") if span is not None else None
     node = g.add("PSEditTripleGuider", col, y, {"gamma": GAMMA, "beta": beta}, title=title, width=320)
-    g.link(s["ckpt"], "MODEL", node, "model")
+    if model is None:
+        g.link(s["ckpt"], "MODEL", node, "model")
+    else:
+        g.link(model, "model", node, "model")
     for name in ("null", "source", "edit"):
         g.link(s[name], "CONDITIONING", node, name)
     if w is not None:
         g.link(w, "window", node, "window")
-    g.link(s["nti"], "null_schedule", node, "null_schedule")
+    if s["nti"] is not None:
+        g.link(s["nti"], "null_schedule", node, "null_schedule")
+    return node
+
+
+def attention_control(g: Graph, s: dict, col: int, y: float = 0, title: str = "PSEdit Attention Control") -> dict:
+    """Prompt-to-Prompt with its paper defaults (replace, cross-attention 0-0.8, self-attention 0-0.4, no local
+    blend) on the checkpoint's MODEL; the captions come from the graph's String nodes."""
+    node = g.add("PSEditAttentionControl", col, y,
+                 {"source_caption": SOURCE, "edit_caption": EDIT, "mode": "replace", "cross_start": P2P_CROSS[0],
+                  "cross_end": P2P_CROSS[1], "self_start": P2P_SELF[0], "self_end": P2P_SELF[1]},
+                 title=title, width=340)
+    g.link(s["ckpt"], "MODEL", node, "model")
+    g.link(s["invert"], "inversion", node, "inversion")
+    g.link(s["ckpt"], "CLIP", node, "clip")
+    g.link(s["source_text"], "STRING", node, "source_caption")
+    g.link(s["edit_text"], "STRING", node, "edit_caption")
     return node
 
 
 def perceptual(g: Graph, s: dict, inner: dict, col: int, y: float, mask: dict | None = None,
-               title: str = "PSEdit Perceptual Guidance") -> dict:
+               title: str = "PSEdit Perceptual Guidance", mask_output: str = "edit_mask") -> dict:
     w = window(g, col, y, PERCEPTUAL_WINDOW, "perceptual guidance window")
     node = g.add("PSEditPerceptualGuidance", col, y,
                  {"strength": PERCEPTUAL_STRENGTH, "lpips_net": "vgg", "gradient": "x0", "decoder": "taesd",
@@ -260,7 +330,7 @@ def perceptual(g: Graph, s: dict, inner: dict, col: int, y: float, mask: dict | 
     g.link(s["image"], "IMAGE", node, "image")
     g.link(w, "window", node, "window")
     if mask is not None:
-        g.link(mask, "edit_mask", node, "mask")
+        g.link(mask, mask_output, node, "mask")
     return node
 
 
@@ -375,15 +445,22 @@ def edit_workflow(family: str, masked: bool = False) -> dict:
 
 def ablation_workflow() -> dict:
     g = Graph(models=[TAESD["sd15"]])
-    s = loaders(g, "sd15", "example.png")
+    s = loaders(g, "sd15", "example.png", captions=True)
     g.note("The paper's Figure 3 as one graph (arXiv 2312.06680): one DDIM inversion and one null-text inversion "
            "feed three edits of the same photo, saved side by side.\n"
-           "1. Null-text: plain CFG on the edit caption (beta = gamma, no window) with the null-text schedule.\n"
+           "1. Null-text: the paper's baseline, null-text inversion + Prompt-to-Prompt: Attention Control (replace, "
+           f"cross-attention {P2P_CROSS[0]}-{P2P_CROSS[1]}, self-attention {P2P_SELF[0]}-{P2P_SELF[1]} of the steps) "
+           "with plain CFG on the edit caption (beta = gamma, no window) and the null-text schedule.\n"
            f"2. Text optimization: triple guidance (gamma {GAMMA}, beta {BETA}) in the first 40% of the steps.\n"
            "3. Perceptual + text optimization: guider 2 wrapped by LPIPS guidance toward the photo in steps "
-           "20-80%.\n\n" + setup_note("sd15").split("\n\n", 1)[1], 0, -420, width=1100, height=360)
-    nulltext = triple(g, s, 3, 0, beta=GAMMA, span=None, title="1. Null-text (plain CFG on the edit)")
-    textopt = triple(g, s, 3, 260, beta=BETA, span=TEXT_WINDOW, title="2. Text optimization")
+           "20-80%.\n\nType the source caption and the edit caption in the two String nodes at left: they feed the "
+           "text encoders and Attention Control, which must see the same texts (replace: the same number of words; "
+           "mode 'refine' to add or remove words).\n\n" + setup_note("sd15").split("\n\n", 1)[1], 0, -460,
+           width=1100, height=400)
+    control = attention_control(g, s, 3, 0, title="1. Prompt-to-Prompt (Attention Control)")
+    nulltext = triple(g, s, 3, 0, beta=GAMMA, span=None, title="1. Null-text + P2P (plain CFG on the edit)",
+                      model=control)
+    textopt = triple(g, s, 3, 0, beta=BETA, span=TEXT_WINDOW, title="2. Text optimization")
     noise, sampler = noise_and_sampler(g, 4, 0)
     guided = perceptual(g, s, textopt, 4, 560, title="3. Perceptual + text optimization")
     d1 = sample(g, s, nulltext, noise, sampler, 5, 0, title="sample 1. Null-text")
@@ -393,7 +470,10 @@ def ablation_workflow() -> dict:
     save(g, d1, "psedit_nulltext", 6, 0, "1. Null-text", at=0, width=w)
     save(g, d2, "psedit_textopt", 6, 0, "2. Text optimization", at=w + gap, width=w)
     save(g, d3, "psedit_perceptual", 6, 0, "3. Perceptual + text optimization", at=2 * (w + gap), width=w)
-    g.note(knobs_note("taesd"), 6, -420, width=3 * w + 2 * gap, height=360)
+    g.note(knobs_note("taesd") + "\n- 1. Attention Control: cross_start-cross_end / self_start-self_end, the steps "
+           "where the edit reads the source's cross-attention maps / small-resolution self-attention; longer windows "
+           f"keep more of the photo (see the template {TITLES['psedit_p2p_sd15']}).", 6, -460, width=3 * w + 2 * gap,
+           height=400)
     if "ImageBatch" in INFO:
         y = 560
         batch = g.add("ImageBatch", 6, y, title="source + 1", width=220, at=0)
@@ -407,6 +487,117 @@ def ablation_workflow() -> dict:
         g.link(d3, "IMAGE", batch3, "image2")
         save(g, batch3, "psedit_ablation", 6, y, "source | Null-text | Text optimization | Perceptual + text",
              at=220 + gap, width=3 * w + 2 * gap - 220 - gap, height=420)
+    return g.to_json()
+
+
+# --- attention and feature control: Prompt-to-Prompt and Plug-and-Play (issue 10) ---------------------------------
+
+def control_setup_note(kind: str) -> str:
+    title, what = {
+        "p2p": ("Prompt-to-Prompt (SD1.5): null-text inversion + attention control (Hertz et al. 2022)",
+                "DDIM Invert turns the photo into the starting latent and its trajectory; Null-Text Inversion fits one "
+                "null embedding per step (about inner_iterations x 2 model calls per step). Each step, Attention "
+                "Control runs the model on that trajectory with the source caption (one extra model call) and hands "
+                "its cross-attention maps (and early self-attention) to the edit caption's branch: the layout stays "
+                "the photo's, the swapped words change."),
+        "pnp": ("Plug-and-Play (SD1.5): feature injection on the inverted photo (Tumanyan et al. 2023)",
+                "DDIM Invert turns the photo into the starting latent and its trajectory. Each step, Feature "
+                "Injection runs the model on that trajectory with the source caption (one extra model call) and hands "
+                "its decoder features and self-attention to every branch of the guider: the structure stays the "
+                "photo's, the edit caption sets the appearance. No null-text inversion: Plug-and-Play samples with "
+                "plain CFG."),
+    }[kind]
+    return (
+        f"PSEdit {title}.\n\n"
+        f"1. Load Checkpoint: an SD1.5 checkpoint (the missing-models dialog offers {CHECKPOINTS['sd15']['name']}"
+        + (" and the TAESD decoder the perceptual guidance uses).\n" if kind == "p2p" else ").\n")
+        + "2. Load Image: your photo, any size: 'photo at the model's size' scales it to about 512x512 pixels' worth, "
+        "keeping its aspect; VAE Encode then crops each side to a multiple of 8.\n"
+        "3. Type the source caption (what the photo shows) and the edit caption (what it should show) in the two "
+        "String nodes at left: they feed the text encoders and the "
+        + ("Attention Control node, which must see the same texts. mode 'replace' needs the same number of words "
+           "(\"cat\" -> \"tiger\"); use 'refine' to add or remove words. " if kind == "p2p" else
+           "Feature Injection node's source pass. ")
+        + "Leave the null caption empty.\n"
+        f"4. Queue. {what} Keep the same BasicScheduler SIGMAS for inversion and sampling."
+    )
+
+
+def p2p_knobs_note() -> str:
+    return (
+        "Knobs\n"
+        f"- Attention Control windows (fractions of the steps): cross {P2P_CROSS[0]}-{P2P_CROSS[1]}, the steps where "
+        "the edit caption's words read the source's cross-attention maps (the layout); self "
+        f"{P2P_SELF[0]}-{P2P_SELF[1]}, where self-attention at a quarter of the latent's side and below is the "
+        "source's (the shapes). Longer windows keep more of the photo, shorter ones let the edit change more. mode "
+        "'reweight' scales reweight_words' attention by reweight_scale.\n"
+        "- blend_words (e.g. \"cat tiger\"): local blend. Outside those words' attention region every step from "
+        "blend_start follows the photo's trajectory, and blend_mask tells Perceptual Guidance to pull only there. "
+        "Empty (default) = no blend, an all-black mask, the whole image guided.\n"
+        f"- Triple Guider beta = gamma = {GAMMA}: plain CFG on the edit caption with the null-text schedule, as "
+        f"Prompt-to-Prompt edits. beta {BETA} with a text guidance window (PSEdit Step Window "
+        f"{TEXT_WINDOW[0]}-{TEXT_WINDOW[1]}) adds the paper's triple guidance; keep gamma equal to Null-Text "
+        "Inversion's guidance.\n"
+        f"- Perceptual Guidance (optional) strength {PERCEPTUAL_STRENGTH} (0 = off; or bypass the node, "
+        "Ctrl+B) pulls the result toward the photo by LPIPS in its window "
+        f"({PERCEPTUAL_WINDOW[0]}-{PERCEPTUAL_WINDOW[1]}). decoder 'taesd' needs taesd_decoder.safetensors in "
+        "models/vae_approx (offered when the workflow loads); the LPIPS trunk is downloaded once by torchvision, "
+        "or put it in models/lpips offline (see the README)."
+    )
+
+
+def pnp_knobs_note() -> str:
+    return (
+        "Knobs\n"
+        f"- Feature Injection windows (fractions of the steps): feature {PNP_FEATURE[0]}-{PNP_FEATURE[1]}, the steps "
+        "where a decoder block's features are the photo's (the structure); attn "
+        f"{PNP_ATTN[0]}-{PNP_ATTN[1]}, where the later decoder layers' self-attention reads the photo's queries and "
+        "keys. Longer windows keep more of the photo's structure, shorter ones let the text change more. "
+        "feature_block / attn_from_block -1 = the paper's layers (SD1.5: decoder block 4; blocks 4-11).\n"
+        f"- CFGGuider cfg {GAMMA}: the edit caption's strength against the empty null caption, as Plug-and-Play "
+        "samples. Any guider works on the controlled MODEL: PSEdit Triple Guider (beta, step window) and Perceptual "
+        f"Guidance (as in the template {TITLES['psedit_edit_sd15']}) compose with it."
+    )
+
+
+def p2p_workflow() -> dict:
+    """Null-text inversion + Prompt-to-Prompt, plain CFG on the edit (the paper's baseline), optional perceptual
+    guidance pulling outside the local blend's region (the whole image without blend words)."""
+    g = Graph(models=[TAESD["sd15"]])
+    s = loaders(g, "sd15", "example.png", captions=True)
+    g.note(control_setup_note("p2p"), 0, -400, width=760, height=340)
+    control = attention_control(g, s, 3, 0)
+    guider = triple(g, s, 3, 0, beta=GAMMA, span=None, title="PSEdit Triple Guider (beta = gamma: CFG on the edit)",
+                    model=control)
+    guided = perceptual(g, s, guider, 4, 0, mask=control, mask_output="blend_mask",
+                        title="PSEdit Perceptual Guidance (optional: strength 0 = off)")
+    noise, sampler = noise_and_sampler(g, 5)
+    decode = sample(g, s, guided, noise, sampler, 6)
+    save(g, decode, "psedit_p2p", 7)
+    g.note(p2p_knobs_note(), 3, -400, width=760, height=340)
+    return g.to_json()
+
+
+def pnp_workflow() -> dict:
+    """DDIM inversion + Plug-and-Play feature injection, sampled with the stock CFGGuider on the edit caption."""
+    g = Graph()
+    s = loaders(g, "sd15", "example.png", nulltext=False, captions=True)
+    g.note(control_setup_note("pnp"), 0, -400, width=760, height=340)
+    inject = g.add("PSEditFeatureInjection", 3, 0,
+                   {"source_caption": SOURCE, "feature_start": PNP_FEATURE[0], "feature_end": PNP_FEATURE[1],
+                    "attn_start": PNP_ATTN[0], "attn_end": PNP_ATTN[1]}, width=340)
+    g.link(s["ckpt"], "MODEL", inject, "model")
+    g.link(s["invert"], "inversion", inject, "inversion")
+    g.link(s["ckpt"], "CLIP", inject, "clip")
+    g.link(s["source_text"], "STRING", inject, "source_caption")
+    guider = g.add("CFGGuider", 3, 0, {"cfg": GAMMA}, title="CFGGuider (edit caption vs empty null)", width=340)
+    g.link(inject, "model", guider, "model")
+    g.link(s["edit"], "CONDITIONING", guider, "positive")
+    g.link(s["null"], "CONDITIONING", guider, "negative")
+    noise, sampler = noise_and_sampler(g, 4)
+    decode = sample(g, s, guider, noise, sampler, 5)
+    save(g, decode, "psedit_pnp", 6)
+    g.note(pnp_knobs_note(), 3, -400, width=760, height=340)
     return g.to_json()
 
 
@@ -574,14 +765,26 @@ WORKFLOWS = {
     "psedit_masked_edit_sd15": lambda: edit_workflow("sd15", masked=True),
     "psedit_edit_sd35": lambda: flow_edit_workflow("sd35"),
     "psedit_edit_flux": lambda: flow_edit_workflow("flux"),
+    "psedit_p2p_sd15": p2p_workflow,
+    "psedit_pnp_sd15": pnp_workflow,
 }
 
 
 def main() -> None:
+    """Write every workflow to its file; remove any other example_workflows/*.json (a renamed or dropped workflow)
+    with its thumbnail, so the template browser lists exactly WORKFLOWS."""
     OUT.mkdir(exist_ok=True)
+    written = set()
     for name, build in WORKFLOWS.items():
-        (OUT / f"{name}.json").write_text(json.dumps(build(), indent=1) + "\n")
-        sys.stdout.write(f"wrote example_workflows/{name}.json\n")
+        path = path_of(name)
+        path.write_text(json.dumps(build(), indent=1) + "\n")
+        written.add(path)
+        sys.stdout.write(f"wrote example_workflows/{path.name}\n")
+    for stale in sorted(set(OUT.glob("*.json")) - written):
+        for path in (stale, stale.with_suffix(".jpg")):
+            if path.exists():
+                path.unlink()
+                sys.stdout.write(f"removed example_workflows/{path.name}\n")
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
 """Screenshot each example workflow in the real ComfyUI frontend: template thumbnails and the README picture.
 
-    COMFYUI_PATH=/path/to/ComfyUI python tools/screenshot_workflows.py [--only NAME] [--out DIR]
+    COMFYUI_PATH=/path/to/ComfyUI python tools/screenshot_workflows.py [--only ID] [--out DIR]
 
 Starts ComfyUI (``main.py --cpu``, loopback, a free port, offline) with this repository installed as
 ``custom_nodes/psedit`` in a throw-away base directory (tests/host/comfy_server.py), with an empty stub file for each
@@ -11,9 +11,9 @@ each workflow is fetched from the server's template route and loaded the way the
 (``app.loadGraphData``), in focus mode, without minimap, canvas menu, toasts or dialogs, with full-detail rendering at
 any zoom, fitted to the graph. It writes
 
-- ``example_workflows/<name>.jpg``: the template browser's thumbnail (square, like ComfyUI's own templates; the card
-  shows it in a 256 px box);
-- ``docs/edit_workflow.png``: psedit_edit_sd15 large, for the README.
+- ``example_workflows/<title>.jpg`` beside ``<title>.json`` (tools/make_workflows.py's TITLES): the template
+  browser's thumbnail (square, like ComfyUI's own templates; the card shows it in a 256 px box);
+- ``docs/edit_workflow.png``: the edit workflow (psedit_edit_sd15) large, for the README.
 
 ``--out DIR`` writes all images to DIR instead (to look at them before replacing the committed ones). Chromium comes
 from the system (``apt-get install chromium``; ``--chromium PATH`` or $CHROMIUM otherwise). Rerun whenever a workflow
@@ -35,6 +35,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.parse
 import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
@@ -44,13 +45,17 @@ from PIL import Image
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tests" / "host"))
+sys.path.insert(0, str(REPO / "tools"))
 
 from comfy_server import PACK_FOLDER, Server  # noqa: E402
+from make_workflows import TITLES, path_of  # noqa: E402
 
 log = logging.getLogger("screenshot_workflows")
 
 WORKFLOWS = REPO / "example_workflows"
-README_WORKFLOW = "psedit_edit_sd15"
+# Workflows are named here as the server lists them: by file name without .json (their titles, with spaces and
+# parentheses, so every URL quotes them).
+README_WORKFLOW = path_of("psedit_edit_sd15").stem
 README_IMAGE = REPO / "docs" / "edit_workflow.png"
 
 # Model files the workflows name, by loader node: (models/ subfolder, widget index). Empty stubs let the combos and
@@ -88,6 +93,11 @@ class Shot:
     fill: float  # fraction of the viewport the graph's bounds fill along the tighter axis
     scale: float = 1.0  # device pixel ratio of the capture
     quality: int = 90
+
+
+def template_url(name: str, suffix: str) -> str:
+    """The server path of a template file of the pack, as the frontend requests it."""
+    return f"/api/workflow_templates/{PACK_FOLDER}/{urllib.parse.quote(name)}{suffix}"
 
 
 def thumbnail(name: str, out: Path) -> Shot:
@@ -311,7 +321,7 @@ async def close_dialogs(page: Browser, expected: bool = False) -> None:
 
 async def load_workflow(page: Browser, name: str) -> None:
     """Load ``name`` as the template browser does: fetch from the template route, ``app.loadGraphData``."""
-    route = f"/api/workflow_templates/{PACK_FOLDER}/{name}.json"
+    route = template_url(name, ".json")
     count = await page.evaluate(f"""(async () => {{
         const r = await fetch({json.dumps(route)});
         if (!r.ok) throw new Error('GET {route}: ' + r.status);
@@ -406,22 +416,29 @@ async def screenshot_all(url: str, names: list[str], out: Path, readme: Path, ch
 
 
 def check_served(server: Server, names: list[str]) -> None:
-    """The server lists every workflow as a template of the pack and serves its thumbnail."""
+    """The server lists every workflow as a template of the pack and serves its JSON and thumbnail at the quoted URLs
+    the frontend requests."""
     listed = set(server.get("/workflow_templates").get(PACK_FOLDER, []))
     missing = sorted(set(names) - listed)
     if missing:
         raise RuntimeError(f"GET /workflow_templates does not list {missing}")
     for name in names:
-        with urllib.request.urlopen(f"{server.url}/api/workflow_templates/{PACK_FOLDER}/{name}.jpg", timeout=30) as r:
-            size = Image.open(io.BytesIO(r.read())).size
-            log.info("served /api/workflow_templates/%s/%s.jpg: %s %dx%d", PACK_FOLDER, name,
-                     r.headers.get("Content-Type"), *size)
+        for suffix in (".json", ".jpg"):
+            with urllib.request.urlopen(server.url + template_url(name, suffix), timeout=30) as r:
+                body = r.read()
+            if suffix == ".json":
+                if json.loads(body) != json.loads((WORKFLOWS / f"{name}.json").read_text()):
+                    raise RuntimeError(f"GET {template_url(name, suffix)} is not {name}.json")
+                continue
+            size = Image.open(io.BytesIO(body)).size
+            log.info("served %s: %s %dx%d", template_url(name, suffix), r.headers.get("Content-Type"), *size)
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--only", action="append", metavar="NAME",
-                        help="only this workflow (file name without .json); may be repeated")
+    parser.add_argument("--only", action="append", metavar="ID",
+                        help="only this workflow (its id, e.g. psedit_edit_sd15, or its file name without .json); "
+                             "may be repeated")
     parser.add_argument("--out", type=Path, help="write every image here instead of example_workflows/ and docs/")
     parser.add_argument("--chromium", help="the Chromium executable (default: $CHROMIUM or chromium on PATH)")
     parser.add_argument("--template-browser", type=Path, metavar="PNG",
@@ -434,10 +451,10 @@ def main(argv: list[str] | None = None) -> None:
     logging.getLogger("asyncio").setLevel(logging.WARNING)
 
     available = sorted(p.stem for p in WORKFLOWS.glob("*.json"))
-    names = args.only or available
+    names = [path_of(n).stem if n in TITLES else n for n in args.only] if args.only else available
     unknown = sorted(set(names) - set(available))
     if unknown:
-        raise SystemExit(f"no such workflow: {unknown}; the workflows are {available}")
+        raise SystemExit(f"no such workflow: {unknown}; the workflows are {sorted(TITLES)}, in files {available}")
     out = args.out or WORKFLOWS
     readme = args.out / README_IMAGE.name if args.out else README_IMAGE
     chromium = find_chromium(args.chromium)

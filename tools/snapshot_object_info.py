@@ -26,7 +26,8 @@ OUT = REPO / "tests" / "data" / "object_info.json"
 # Stock nodes tools/make_workflows.py builds with; OPTIONAL ones are used only when this ComfyUI has them.
 STOCK = ["CheckpointLoaderSimple", "CLIPTextEncode", "LoadImage", "VAEEncode", "VAEDecode", "BasicScheduler",
          "KSamplerSelect", "DisableNoise", "SamplerCustomAdvanced", "SaveImage", "PreviewImage", "MaskToImage",
-         "ImageToMask", "ImageScaleToTotalPixels", "FluxGuidance"]
+         "ImageToMask", "ImageScaleToTotalPixels", "FluxGuidance", "PrimitiveStringMultiline",
+         "CFGGuider"]
 OPTIONAL = ["ImageBatch"]
 FRONTEND_ONLY = {"Note", "MarkdownNote", "Reroute", "PrimitiveNode"}
 # Machine-specific option lists (files on disk), emptied; tests/workflows/validate.py accepts any file name there.

@@ -272,6 +272,29 @@ def test_branches_are_found_by_their_text_whatever_the_guider(world):
     assert rel(triple, world.sample(world.triple(world.model, beta=GAMMA))) > 1e-3
 
 
+def test_edit_branch_batched_with_a_long_negative_prompt_is_still_controlled(sd15, monkeypatch):
+    """A negative prompt over 77 tokens makes ComfyUI repeat the edit caption's tokens to batch the two branches
+    (comfy.conds.CONDCrossAttn.concat). The control must find the repeated caption and give what the edit branch gets
+    when it runs alone (batching prevented), not silently skip it (what it did before)."""
+    w = sd15
+    model = w.p2p()[0]
+    long_negative = w.encode(", ".join(["blurry, low quality, watermark"] * 20))
+    assert long_negative[0][0].shape[1] == 2 * w.edit[0][0].shape[1]
+
+    def cfg(m):
+        with torch.inference_mode():
+            guider = comfy.samplers.CFGGuider(m)
+            guider.set_conds(w.edit, long_negative)
+            guider.set_cfg(GAMMA)
+        return w.sample(guider)
+
+    batched, plain = cfg(model), cfg(w.model)
+    monkeypatch.setattr(comfy.model_management, "get_free_memory", lambda *a, **k: 0)  # one branch per call
+    alone = cfg(model)
+    assert rel(alone, plain) > 1e-4  # the control acts
+    assert rel(batched, alone) < 1e-5
+
+
 def test_shadowed_attention_patches_still_run(sd15):
     """Self-Attention Guidance replaces the middle block's self-attention: under empty windows the controlled MODEL
     equals SAG alone, and with control the result differs from control alone (SAG still acts)."""
@@ -365,3 +388,109 @@ def test_other_bad_inputs_name_the_fix(sd15):
     model = sd15.p2p()[0]
     with pytest.raises(ValueError, match="same text and CLIP"):
         sd15.sample(sd15.triple(model, edit=sd15.encode("a dog sitting on a sofa")))
+
+
+# --- the example workflows run ---------------------------------------------------------------------------------------
+
+CONTROL_WORKFLOWS = {  # per workflow: the control node, and the overrides that close all of its windows
+    "psedit_p2p_sd15": ("PSEditAttentionControl", {"cross_end": 0.0, "self_end": 0.0}),
+    "psedit_pnp_sd15": ("PSEditFeatureInjection", {"feature_end": 0.0, "attn_end": 0.0}),
+    "psedit_ablation_sd15": ("PSEditAttentionControl", None),
+}
+
+
+@pytest.fixture(scope="module")
+def workflow_parts(comfyui):
+    """The tiny SD1.5 UNet with its real-tokenizer CLIP, the real TAESD as the checkpoint's VAE, and ComfyUI's
+    vae_approx / lpips folders pointed at ../shared/weights (Perceptual Guidance's TAESD decoder and LPIPS trunk)."""
+    vae = tiny.taesd_vae("sd15")
+    if vae is None or not (tiny.WEIGHTS / "lpips" / "vgg16_features.pth").is_file():
+        pytest.skip(f"needs the real TAESD and LPIPS trunks in {tiny.WEIGHTS}")
+    tiny.register_shared_weights()
+    return build_unet("sd15"), build_clip("sd15"), vae
+
+
+def run_workflow(name: str, parts, overrides: dict | None = None) -> tuple[list, list]:
+    """The example workflow's API-format twin (as the frontend sends it), executed node by node with the real node
+    classes under inference mode, as ComfyUI's executor runs them. Only the checkpoint (the tiny model, its CLIP, the
+    real TAESD) and the photo are stood in for; the photo is scaled to 64x64 (8x8 latents), the steps cut to 4
+    and null-text inversion to 2 iterations. Returns the images SaveImage received and the node types run."""
+    import json
+    import sys
+
+    import comfy_extras.nodes_post_processing as npp
+    import comfy_extras.nodes_primitive as nprim
+    from psedit_pack.nodes import NODES
+
+    import nodes as comfy_nodes
+
+    sys.path.insert(0, str(tiny.REPO / "tests" / "workflows"))
+    from ui_to_api import ui_to_api
+
+    snapshot = json.loads((tiny.REPO / "tests" / "data" / "object_info.json").read_text())
+    workflow = tiny.workflow(name)
+    prompt = ui_to_api(workflow, snapshot)
+    classes = {n.define_schema().node_id: n for n in NODES}
+    classes.update(PrimitiveStringMultiline=nprim.StringMultiline, ImageScaleToTotalPixels=npp.ImageScaleToTotalPixels,
+                   CLIPTextEncode=comfy_nodes.CLIPTextEncode, VAEEncode=comfy_nodes.VAEEncode,
+                   VAEDecode=comfy_nodes.VAEDecode, ImageBatch=comfy_nodes.ImageBatch,
+                   BasicScheduler=ncs.BasicScheduler, KSamplerSelect=ncs.KSamplerSelect, DisableNoise=ncs.DisableNoise,
+                   CFGGuider=ncs.CFGGuider, SamplerCustomAdvanced=ncs.SamplerCustomAdvanced)
+    changes = {"ImageScaleToTotalPixels": {"megapixels": 64 * 64 / 2**20}, "BasicScheduler": {"steps": 4},
+               "PSEditNullTextInversion": {"inner_iterations": 2}}
+    for kind, values in (overrides or {}).items():
+        changes[kind] = {**changes.get(kind, {}), **values}
+    model, clip, vae = parts
+    results, saved, ran = {}, [], []
+
+    def resolve(v):
+        return results[v[0]][v[1]] if isinstance(v, list) else v
+
+    pending = dict(prompt)
+    with torch.inference_mode():
+        while pending:
+            ready = [i for i, n in pending.items()
+                     if all(not isinstance(v, list) or v[0] in results for v in n["inputs"].values())]
+            assert ready, f"no node can run: {sorted(pending)}"
+            for node_id in ready:
+                node = pending.pop(node_id)
+                kind = node["class_type"]
+                inputs = {k: resolve(v) for k, v in node["inputs"].items()}
+                for key, value in changes.get(kind, {}).items():
+                    assert key in inputs, (kind, key)
+                    inputs[key] = value
+                if kind == "CheckpointLoaderSimple":
+                    out = (model, clip, vae)
+                elif kind == "LoadImage":
+                    out = (tiny.photo(96), torch.zeros(1, 96, 96))
+                elif kind == "SaveImage":
+                    saved.append(inputs["images"])
+                    out = ()
+                else:
+                    out = run_node(classes[kind], **inputs)
+                results[node_id] = out
+                ran.append(kind)
+    return saved, ran
+
+
+@pytest.mark.parametrize("name", sorted(CONTROL_WORKFLOWS))
+def test_control_workflow_runs_on_a_tiny_model(name, workflow_parts):
+    """psedit_p2p_sd15 (null-text inversion, Attention Control, Triple Guider, Perceptual Guidance with the blend
+    mask), psedit_pnp_sd15 (Feature Injection, stock CFGGuider) and the ablation (its Null-text branch through
+    Attention Control) run from their API twins; closing the control node's windows changes the edit, so the
+    control acts in the workflow."""
+    control, closed = CONTROL_WORKFLOWS[name]
+    saved, ran = run_workflow(name, workflow_parts)
+    assert {control, "PSEditDDIMInvert", "SamplerCustomAdvanced", "PrimitiveStringMultiline"} <= set(ran)
+    if name != "psedit_pnp_sd15":
+        assert {"PSEditNullTextInversion", "PSEditTripleGuider", "PSEditPerceptualGuidance"} <= set(ran)
+    else:
+        assert "CFGGuider" in ran and "PSEditNullTextInversion" not in ran
+    assert all(torch.isfinite(img).all() for img in saved)
+    if name == "psedit_ablation_sd15":  # three edits and the grid of the source and the three
+        assert [tuple(img.shape) for img in saved].count((1, 64, 64, 3)) == 3
+        assert (4, 64, 64, 3) in [tuple(img.shape) for img in saved]
+        return
+    assert len(saved) == 1 and saved[0].shape == (1, 64, 64, 3)
+    uncontrolled = run_workflow(name, workflow_parts, {control: closed})[0]
+    assert rel(saved[0], uncontrolled[0]) > 1e-4

@@ -141,6 +141,26 @@ def test_self_attention_guidance_reads_null_as_uncond(world):
     assert rel_err(sample(triple(m, conds, beta=GAMMA), latent, sigmas), ref) < 1e-5
 
 
+def test_beta_equal_to_gamma_is_cfg_from_two_branches(world):
+    """At beta = gamma the source cancels: the Triple Guider evaluates edit and null only (as CFGGuider does), and
+    gives CFGGuider's result; at beta 3 it evaluates three branches."""
+    model, conds, latent, sigmas = world
+    rows = []
+
+    def count(apply_model, args):
+        rows.append(int(args["input"].shape[0]))
+        return apply_model(args["input"], args["timestep"], **args["c"])
+
+    m = model.clone()
+    m.set_model_unet_function_wrapper(count)
+    got = sample(triple(m, conds, beta=GAMMA), latent, sigmas)
+    assert set(rows) == {2}, rows
+    assert rel_err(got, sample(cfg(model, conds), latent, sigmas)) < 1e-6
+    rows.clear()
+    sample(triple(m, conds), latent, sigmas)
+    assert set(rows) == {3}, rows
+
+
 # --- ControlNet on the conditioning ---------------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")

@@ -445,7 +445,7 @@ def test_flow_workflow_runs_on_a_tiny_model(name, family, flow_decoders):
     from ui_to_api import ui_to_api
 
     snapshot = json.loads((tiny.REPO / "tests" / "data" / "object_info.json").read_text())
-    workflow = json.loads((tiny.REPO / "example_workflows" / f"{name}.json").read_text())
+    workflow = tiny.workflow(name)
     prompt = ui_to_api(workflow, snapshot)
     classes = {n.define_schema().node_id: n for n in NODES}
     classes.update(FluxGuidance=nflux.FluxGuidance, ImageScaleToTotalPixels=npp.ImageScaleToTotalPixels,

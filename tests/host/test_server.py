@@ -4,10 +4,12 @@ and serves the example workflows as templates."""
 
 from __future__ import annotations
 
+import io
 import json
 import re
 import sys
 import urllib.error
+import urllib.parse
 import urllib.request
 
 import pytest
@@ -23,13 +25,16 @@ sys.path.insert(0, str(tiny.REPO / "tools"))
 sys.path.insert(0, str(tiny.REPO / "tests" / "workflows"))
 
 from comfy_server import PACK_FOLDER, Server  # noqa: E402
+from make_workflows import WORKFLOWS as BUILDERS  # noqa: E402  (tools/: the workflows by id)
+from make_workflows import path_of  # noqa: E402
 from snapshot_object_info import strip_file_lists  # noqa: E402  (tools/: the snapshot's own normalisation)
 from ui_to_api import ui_to_api  # noqa: E402
 
 SNAPSHOT = json.loads((tiny.REPO / "tests" / "data" / "object_info.json").read_text())
-WORKFLOWS = sorted(p.stem for p in (tiny.REPO / "example_workflows").glob("*.json"))
+WORKFLOWS = sorted(BUILDERS)  # ids; path_of(id) is example_workflows/<title>.json, the template <title>
 PSEDIT_NODES = {"PSEditDDIMInvert", "PSEditNullTextInversion", "PSEditTripleGuider", "PSEditPerceptualGuidance",
-                "PSEditStepWindow", "PSEditEditMask", "PSEditInvertedNoise", "PSEditFluxGuider"}
+                "PSEditStepWindow", "PSEditEditMask", "PSEditInvertedNoise", "PSEditFluxGuider",
+                "PSEditAttentionControl", "PSEditFeatureInjection"}
 SCHEMA_KEYS = ("input", "input_order", "output", "output_is_list", "output_name")
 
 
@@ -37,7 +42,7 @@ def named_files() -> set[tuple[str, str]]:
     """``(node type, file name)`` of every checkpoint and photo the workflows name (machine-specific combos)."""
     found = set()
     for name in WORKFLOWS:
-        wf = json.loads((tiny.REPO / "example_workflows" / f"{name}.json").read_text())
+        wf = tiny.workflow(name)
         found |= {(n["type"], n["widgets_values"][0]) for n in wf["nodes"]
                   if n["type"] in ("CheckpointLoaderSimple", "LoadImage")}
     return found
@@ -136,22 +141,27 @@ def test_psedit_nodes_are_documented(live, name):
 
 
 def test_workflow_templates_listed_and_served(server):
+    """Listed under the pack by file name (the title the template browser shows); the JSON and the thumbnail are
+    served at the URLs the frontend builds from that name (quoted: the titles hold spaces and parentheses)."""
     templates = server.get("/workflow_templates")
-    assert sorted(templates.get(PACK_FOLDER, [])) == WORKFLOWS
+    assert sorted(templates.get(PACK_FOLDER, [])) == sorted(path_of(name).stem for name in WORKFLOWS)
     assert len(WORKFLOWS) >= 3
     for name in WORKFLOWS:
-        with urllib.request.urlopen(f"{server.url}/api/workflow_templates/{PACK_FOLDER}/{name}.json",
-                                    timeout=30) as r:
+        url = f"{server.url}/api/workflow_templates/{PACK_FOLDER}/{urllib.parse.quote(path_of(name).stem)}"
+        with urllib.request.urlopen(f"{url}.json", timeout=30) as r:
             assert r.status == 200
             served = json.loads(r.read())
-        assert served == json.loads((tiny.REPO / "example_workflows" / f"{name}.json").read_text())
+        assert served == tiny.workflow(name)
+        with urllib.request.urlopen(f"{url}.jpg", timeout=30) as r:
+            assert r.status == 200 and r.headers.get("Content-Type") == "image/jpeg"
+            assert Image.open(io.BytesIO(r.read())).size == (512, 512)
 
 
 @pytest.mark.parametrize("name", WORKFLOWS)
 def test_api_twin_passes_comfyui_validation(server, name):
     """ComfyUI's own validate_prompt (types, ranges, options, required inputs, output nodes) accepts each workflow's
     API-format twin. Accepted prompts are queued; the queue is cleared and the stub checkpoint fails to load."""
-    workflow = json.loads((tiny.REPO / "example_workflows" / f"{name}.json").read_text())
+    workflow = tiny.workflow(name)
     prompt = ui_to_api(workflow, SNAPSHOT)
     request = urllib.request.Request(f"{server.url}/prompt", data=json.dumps({"prompt": prompt}).encode(),
                                      headers={"Content-Type": "application/json"})

@@ -6,6 +6,7 @@ Also used by ``benchmarks/`` (which put this folder on ``sys.path``). Nothing he
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
 import sys
 from pathlib import Path
@@ -26,6 +27,22 @@ def comfy_path() -> Path:
     if not path or not (Path(path) / "comfy" / "model_management.py").is_file():
         raise ComfyUnavailable("set COMFYUI_PATH to a ComfyUI checkout to run host tests")
     return Path(path)
+
+
+def workflow(name: str) -> dict:
+    """The example workflow with id ``name`` (a key of tools/make_workflows.py's WORKFLOWS, e.g. psedit_edit_sd15) as
+    saved in example_workflows/, under the readable title the generator's ``path_of`` gives it."""
+    return json.loads(_workflow_generator().path_of(name).read_text())
+
+
+def _workflow_generator():
+    """tools/make_workflows.py, imported once (it reads tests/data/object_info.json, nothing else)."""
+    if "make_workflows" not in sys.modules:
+        spec = importlib.util.spec_from_file_location("make_workflows", REPO / "tools" / "make_workflows.py")
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        sys.modules["make_workflows"] = module
+    return sys.modules["make_workflows"]
 
 
 def import_comfy():

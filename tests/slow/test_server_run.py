@@ -1,5 +1,6 @@
-"""Slow, opt-in (PSEDIT_SLOW=1 and COMFYUI_PATH): ComfyUI's server runs the edit workflow's API-format twin on a
-randomly initialised full-size SD1.5 checkpoint at 64x64, with PSEdit installed, and writes a finite image.
+"""Slow, opt-in (PSEDIT_SLOW=1 and COMFYUI_PATH): ComfyUI's server runs the edit and Prompt-to-Prompt workflows'
+API-format twins on a randomly initialised full-size SD1.5 checkpoint (its real CLIP tokenizer) at about 100x100
+pixels, with PSEdit installed, and writes a finite image.
 
 The checkpoint (UNet + CLIP-L + SD VAE, random weights, fp32, about 4 GB) is built with ComfyUI's own classes and saved
 with ``comfy.sd.save_checkpoint`` in a temporary folder; the real TAESD decoder and LPIPS trunk come from
@@ -12,6 +13,7 @@ import os
 import subprocess
 import sys
 import time
+import urllib.error
 
 import numpy as np
 import pytest
@@ -40,16 +42,17 @@ def checkpoint(tmp_path_factory):
 
 
 STEPS, INNER_ITERATIONS, TIMEOUT_S = 4, 2, 1500
-# The workflow scales the photo to SD1.5's 512x512 area; here to 64x64's, so a 256x192 "phone photo" becomes
-# 74x55, which VAE Encode crops to 72x48.
-MEGAPIXELS, PHOTO_SIZE, EDIT_SHAPE = 64 * 64 / 2**20, (256, 192), (48, 72, 3)
+# The workflow scales the photo to SD1.5's 512x512 area; here to the node's minimum, 0.01 "megapixels" (10485
+# pixels, about 102x102), so a 256x192 "phone photo" becomes 118x89, which VAE Encode crops to 112x88.
+MEGAPIXELS, PHOTO_SIZE, EDIT_SHAPE = 0.01, (256, 192), (88, 112, 3)
 
 
-def api_prompt(ckpt_name: str, photo: str) -> dict:
-    """psedit_edit_sd15.json as the frontend would POST it, with the files set and the run shortened."""
+def api_prompt(name: str, ckpt_name: str, photo: str) -> dict:
+    """The workflow ``name`` (an id of tools/make_workflows.py) as the frontend would POST it, with the files set and
+    the run shortened."""
     repo = tiny.REPO
     object_info = json.loads((repo / "tests" / "data" / "object_info.json").read_text())
-    workflow = json.loads((repo / "example_workflows" / "psedit_edit_sd15.json").read_text())
+    workflow = tiny.workflow(name)
     prompt = ui_to_api(workflow, object_info)
     changes = {"CheckpointLoaderSimple": {"ckpt_name": ckpt_name}, "LoadImage": {"image": photo},
                "BasicScheduler": {"steps": STEPS}, "PSEditNullTextInversion": {"inner_iterations": INNER_ITERATIONS},
@@ -62,7 +65,8 @@ def api_prompt(ckpt_name: str, photo: str) -> dict:
     return prompt
 
 
-def test_edit_workflow_runs_on_server(tmp_path, checkpoint):
+@pytest.mark.parametrize("name,prefix", [("psedit_edit_sd15", "psedit_edit_"), ("psedit_p2p_sd15", "psedit_p2p_")])
+def test_edit_workflow_runs_on_server(tmp_path, checkpoint, name, prefix):
     server = Server(base=tmp_path / "comfy").prepare()
     checkpoints = server.base / "models" / "checkpoints"
     checkpoints.mkdir(parents=True)
@@ -70,11 +74,14 @@ def test_edit_workflow_runs_on_server(tmp_path, checkpoint):
     server.extra_model_paths({"vae_approx": tiny.WEIGHTS / "taesd", "lpips": tiny.WEIGHTS / "lpips"})
     photo = Image.fromarray((tiny.photo(256)[0].numpy() * 255).astype(np.uint8)).resize(PHOTO_SIZE)
     photo.save(server.base / "input" / "photo.png")
-    prompt = api_prompt(checkpoint.name, "photo.png")
+    prompt = api_prompt(name, checkpoint.name, "photo.png")
 
     server.start()
     try:
-        prompt_id = server.post("/prompt", {"prompt": prompt})["prompt_id"]
+        try:
+            prompt_id = server.post("/prompt", {"prompt": prompt})["prompt_id"]
+        except urllib.error.HTTPError as exc:
+            pytest.fail(f"ComfyUI rejected {name}: {exc.read().decode()[:3000]}")
         deadline, history = time.time() + TIMEOUT_S, {}
         while time.time() < deadline:
             history = server.get(f"/history/{prompt_id}")
@@ -87,7 +94,7 @@ def test_edit_workflow_runs_on_server(tmp_path, checkpoint):
     finally:
         server.stop()
     saved = [img for out in record["outputs"].values() for img in out.get("images", [])]
-    assert [img["filename"].startswith("psedit_edit_") for img in saved] == [True], saved
+    assert [img["filename"].startswith(prefix) for img in saved] == [True], saved
     path = server.base / "output" / saved[0].get("subfolder", "") / saved[0]["filename"]
     assert path.is_file(), server.log()[-3000:]
     image = np.asarray(Image.open(path).convert("RGB")).astype(np.float32)

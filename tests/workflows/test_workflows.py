@@ -1,6 +1,9 @@
 """Every example workflow is valid against the node schemas (tests/data/object_info.json, checked against a live
 ComfyUI by tests/host/test_server.py), is what tools/make_workflows.py generates, and converts to an API-format
-prompt. No ComfyUI needed."""
+prompt; its file name is the readable title the template browser shows. No ComfyUI needed.
+
+Workflows are named by their ids (tools/make_workflows.py's WORKFLOWS keys, e.g. psedit_edit_sd15); ``path_of`` there
+gives the file, ``example_workflows/<title>.json``."""
 
 import copy
 import importlib.util
@@ -13,23 +16,28 @@ from validate import overlaps, validate
 
 REPO = Path(__file__).resolve().parents[2]
 OBJECT_INFO = json.loads((REPO / "tests" / "data" / "object_info.json").read_text())
-WORKFLOWS = sorted((REPO / "example_workflows").glob("*.json"))
+_spec = importlib.util.spec_from_file_location("make_workflows", REPO / "tools" / "make_workflows.py")
+gen = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(gen)
+FILES = sorted((REPO / "example_workflows").glob("*.json"))
 EXPECTED = {"psedit_edit_sd15", "psedit_ablation_sd15", "psedit_edit_sdxl", "psedit_masked_edit_sd15",
-            "psedit_edit_sd35", "psedit_edit_flux"}
+            "psedit_edit_sd35", "psedit_edit_flux", "psedit_p2p_sd15", "psedit_pnp_sd15"}
+WORKFLOWS = sorted(EXPECTED)
 PSEDIT_NODES = {"PSEditDDIMInvert", "PSEditNullTextInversion", "PSEditTripleGuider", "PSEditPerceptualGuidance",
-                "PSEditStepWindow", "PSEditEditMask", "PSEditInvertedNoise", "PSEditFluxGuider"}
+                "PSEditStepWindow", "PSEditEditMask", "PSEditInvertedNoise", "PSEditFluxGuider",
+                "PSEditAttentionControl", "PSEditFeatureInjection"}
 # Per workflow: the TAESD decoder it declares and the image side its photo is scaled to.
 TAESD_OF = {"sd15": "taesd_decoder", "sdxl": "taesdxl_decoder", "sd35": "taesd3_decoder", "flux": "taef1_decoder"}
 SIDE_OF = {"sd15": 512, "sdxl": 1024, "sd35": 1024, "flux": 1024}
 
 
-def family_of(stem: str) -> str:
-    return stem.rsplit("_", 1)[1]
+def family_of(name: str) -> str:
+    """The model family of a workflow id: psedit_edit_sdxl -> sdxl."""
+    return name.rsplit("_", 1)[1]
 
 
-def load(name_or_path):
-    path = name_or_path if isinstance(name_or_path, Path) else REPO / "example_workflows" / f"{name_or_path}.json"
-    return json.loads(path.read_text())
+def load(name: str) -> dict:
+    return json.loads(gen.path_of(name).read_text())
 
 
 def nodes_of(wf, type_):
@@ -54,35 +62,41 @@ def source_of(wf, node, input_name):
 
 
 def test_expected_workflows_present():
-    assert {p.stem for p in WORKFLOWS} == EXPECTED
+    assert set(gen.WORKFLOWS) == set(gen.TITLES) == EXPECTED
+    assert set(FILES) == {gen.path_of(name) for name in EXPECTED}, "run tools/make_workflows.py"
+
+
+@pytest.mark.parametrize("path", FILES, ids=lambda p: p.stem)
+def test_workflow_file_names_are_readable_titles(path):
+    """The template browser shows a pack's template by its file name (title; and description, - and _ as spaces)
+    and its thumbnail from <name>.jpg beside it."""
+    assert path.stem.startswith("PSEdit - ") and "_" not in path.stem, path.name
+    assert not set(path.stem) & set("/\\'\""), path.name
+    assert path.with_suffix(".jpg").is_file(), f"no thumbnail {path.stem}.jpg: run tools/screenshot_workflows.py"
 
 
 def test_snapshot_has_every_psedit_node():
     assert PSEDIT_NODES <= {k for k in OBJECT_INFO if k.startswith("PSEdit")}
 
 
-@pytest.mark.parametrize("path", WORKFLOWS, ids=lambda p: p.stem)
-def test_workflow_valid(path):
-    assert validate(load(path), OBJECT_INFO) == []
+@pytest.mark.parametrize("name", WORKFLOWS)
+def test_workflow_valid(name):
+    assert validate(load(name), OBJECT_INFO) == []
 
 
-@pytest.mark.parametrize("path", WORKFLOWS, ids=lambda p: p.stem)
-def test_workflow_layout_has_no_overlaps(path):
-    assert overlaps(load(path)) == []
+@pytest.mark.parametrize("name", WORKFLOWS)
+def test_workflow_layout_has_no_overlaps(name):
+    assert overlaps(load(name)) == []
 
 
 def test_workflows_are_what_the_generator_writes():
-    spec = importlib.util.spec_from_file_location("make_workflows", REPO / "tools" / "make_workflows.py")
-    gen = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(gen)
-    assert set(gen.WORKFLOWS) == EXPECTED
     for name, build in gen.WORKFLOWS.items():
-        assert build() == load(name), f"{name}.json differs from tools/make_workflows.py: run it"
+        assert build() == load(name), f"{gen.path_of(name).name} differs from tools/make_workflows.py: run it"
 
 
-@pytest.mark.parametrize("path", WORKFLOWS, ids=lambda p: p.stem)
-def test_workflow_converts_to_api_prompt(path):
-    wf = load(path)
+@pytest.mark.parametrize("name", WORKFLOWS)
+def test_workflow_converts_to_api_prompt(name):
+    wf = load(name)
     prompt = ui_to_api(wf, OBJECT_INFO)
     assert set(prompt) == {str(n["id"]) for n in wf["nodes"] if n["type"] not in FRONTEND_ONLY}
     for node_id, node in prompt.items():
@@ -139,6 +153,11 @@ def test_ablation_is_figure_3():
     assert w["beta"] == w["gamma"] == 7.5
     assert next(i for i in nulltext["inputs"] if i["name"] == "window")["link"] is None
     assert source_of(wf, nulltext, "null_schedule")["type"] == "PSEditNullTextInversion"
+    # The paper's baseline: null-text inversion + Prompt-to-Prompt; the other two edit the plain MODEL.
+    control = source_of(wf, nulltext, "model")
+    assert control["type"] == "PSEditAttentionControl" and control is node_of(wf, "PSEditAttentionControl")
+    assert_p2p_defaults(wf, control)
+    assert source_of(wf, textopt, "model")["type"] == "CheckpointLoaderSimple"
     assert widgets(textopt) == {"gamma": 7.5, "beta": 3.0}
     assert widgets(source_of(wf, textopt, "window")) == {"start": 0.0, "end": 0.4}
     assert perceptual["type"] == "PSEditPerceptualGuidance" and source_of(wf, perceptual, "guider") is textopt
@@ -163,40 +182,52 @@ def test_sdxl_workflow_says_what_it_needs():
     assert {n["type"] for n in wf["nodes"]} == {n["type"] for n in load("psedit_edit_sd15")["nodes"]}
 
 
-@pytest.mark.parametrize("path", WORKFLOWS, ids=lambda p: p.stem)
-def test_notes_name_what_to_set(path):
-    notes = " ".join(n["widgets_values"][0] for n in nodes_of(load(path), "Note")).lower()
-    for word in ("checkpoint", "photo", "source caption", "edit caption", "beta", "strength", "window"):
+@pytest.mark.parametrize("name", WORKFLOWS)
+def test_notes_name_what_to_set(name):
+    """The notes name what to set, and each knob the graph has: beta (Triple/Flux Guider), strength (Perceptual
+    Guidance), cfg (CFGGuider), the control nodes' windows."""
+    wf = load(name)
+    notes = " ".join(n["widgets_values"][0] for n in nodes_of(wf, "Note")).lower()
+    types = {n["type"] for n in wf["nodes"]}
+    words = ["checkpoint", "photo", "source caption", "edit caption", "window"]
+    words += ["beta"] * bool(types & {"PSEditTripleGuider", "PSEditFluxGuider"})
+    words += ["strength"] * ("PSEditPerceptualGuidance" in types) + ["cfg"] * ("CFGGuider" in types)
+    words += ["cross", "self"] * ("PSEditAttentionControl" in types)
+    words += ["blend_words"] * any(c["outputs"][1]["links"] for c in nodes_of(wf, "PSEditAttentionControl"))
+    words += ["feature", "attn"] * ("PSEditFeatureInjection" in types)
+    for word in words:
         assert word in notes, word
 
 
 ALLOWED_DOWNLOADS = ("https://huggingface.co/", "https://civitai.com/")  # the frontend's missing-models dialog
 
 
-@pytest.mark.parametrize("path", WORKFLOWS, ids=lambda p: p.stem)
-def test_workflow_declares_its_model_files(path):
+@pytest.mark.parametrize("name", WORKFLOWS)
+def test_workflow_declares_its_model_files(name):
     """The frontend offers a download for a node's ``properties.models`` entry whose name is one of its widget
     values, and for every workflow-level ``models`` entry; it accepts huggingface.co / civitai.com .safetensors."""
-    wf = load(path)
+    wf = load(name)
     loader = node_of(wf, "CheckpointLoaderSimple")
     declared = loader["properties"]["models"]
     assert [m["name"] for m in declared] == [widgets(loader)["ckpt_name"]]
-    taesd = f"{TAESD_OF[family_of(path.stem)]}.safetensors"
-    assert [(m["name"], m["directory"]) for m in wf["models"]] == [(taesd, "vae_approx")]
-    for m in declared + wf["models"]:
+    # The TAESD decoder exactly when a Perceptual Guidance decodes with it.
+    uses_taesd = any(widgets(n)["decoder"] == "taesd" for n in nodes_of(wf, "PSEditPerceptualGuidance"))
+    taesd = f"{TAESD_OF[family_of(name)]}.safetensors"
+    assert [(m["name"], m["directory"]) for m in wf.get("models", [])] == [(taesd, "vae_approx")] * uses_taesd
+    for m in declared + wf.get("models", []):
         assert m["url"].startswith(ALLOWED_DOWNLOADS) and m["name"].endswith(".safetensors"), m
         assert m["url"].split("?")[0].endswith("/" + m["name"]), m
     assert declared[0]["directory"] == "checkpoints"
 
 
-@pytest.mark.parametrize("path", WORKFLOWS, ids=lambda p: p.stem)
-def test_the_photo_is_scaled_to_the_model_before_anything_uses_it(path):
+@pytest.mark.parametrize("name", WORKFLOWS)
+def test_the_photo_is_scaled_to_the_model_before_anything_uses_it(name):
     """A 4000x3000 phone photo must not reach the model at that size: everything that reads the photo reads it
     through ImageScaleToTotalPixels at the family's working area (SD1.5 512x512, SDXL 1024x1024)."""
-    wf = load(path)
+    wf = load(name)
     scale = source_of(wf, node_of(wf, "VAEEncode"), "pixels")
     assert scale["type"] == "ImageScaleToTotalPixels" and source_of(wf, scale, "image")["type"] == "LoadImage"
-    side = SIDE_OF[family_of(path.stem)]
+    side = SIDE_OF[family_of(name)]
     assert widgets(scale)["megapixels"] * 1024 * 1024 == side * side  # the node's megapixel is 1024 x 1024
     for n in nodes_of(wf, "PSEditPerceptualGuidance"):
         assert source_of(wf, n, "image") is scale
@@ -220,6 +251,105 @@ def test_masked_workflow_uses_the_mask():
     mask = node_of(wf, "PSEditEditMask")
     assert source_of(wf, node_of(wf, "PSEditPerceptualGuidance"), "mask") is mask
     assert "PreviewImage" in {n["type"] for n in wf["nodes"]}
+
+
+# --- attention and feature control (Prompt-to-Prompt, Plug-and-Play) ------------------------------------------------
+
+CONTROL_WORKFLOWS = ["psedit_p2p_sd15", "psedit_pnp_sd15", "psedit_ablation_sd15"]
+
+
+def assert_p2p_defaults(wf, control):
+    """Prompt-to-Prompt's defaults on the checkpoint's MODEL, CLIP and the one DDIM inversion; no local blend."""
+    w = widgets(control)
+    assert (w["mode"], w["cross_start"], w["cross_end"], w["self_start"], w["self_end"]) == ("replace", 0.0, 0.8,
+                                                                                           0.0, 0.4)
+    assert w["blend_words"] == "" and w["reweight_words"] == ""
+    assert source_of(wf, control, "model")["type"] == source_of(wf, control, "clip")["type"] == \
+        "CheckpointLoaderSimple"
+    assert source_of(wf, control, "inversion") is node_of(wf, "PSEditDDIMInvert")
+
+
+@pytest.mark.parametrize("name", CONTROL_WORKFLOWS)
+def test_captions_are_typed_once(name):
+    """Attention Control finds the edit branch by its text and Feature Injection's source pass must be the inverted
+    caption: each caption is one String node feeding its CLIPTextEncode and the control node, so they cannot
+    differ."""
+    wf = load(name)
+    strings = {widgets(n)["value"]: n for n in nodes_of(wf, "PrimitiveStringMultiline")}
+    assert set(strings) == {SOURCE_TEXT, EDIT_TEXT}
+    fed = {widgets(source_of(wf, n, "text"))["value"]: n for n in nodes_of(wf, "CLIPTextEncode")
+           if any(i["name"] == "text" and i["link"] for i in n["inputs"])}
+    assert set(fed) == {SOURCE_TEXT, EDIT_TEXT}
+    for text, encoder in fed.items():
+        assert widgets(encoder)["text"] == text  # the widget's value matches what the link sends
+    assert source_of(wf, node_of(wf, "PSEditDDIMInvert"), "source") is fed[SOURCE_TEXT]
+    for control in nodes_of(wf, "PSEditAttentionControl") + nodes_of(wf, "PSEditFeatureInjection"):
+        assert source_of(wf, control, "source_caption") is strings[SOURCE_TEXT]
+        assert widgets(control)["source_caption"] == SOURCE_TEXT
+        if control["type"] == "PSEditAttentionControl":
+            assert source_of(wf, control, "edit_caption") is strings[EDIT_TEXT]
+            assert widgets(control)["edit_caption"] == EDIT_TEXT
+    # A link on a widget is a socket the frontend knows as that widget's.
+    for node in wf["nodes"]:
+        if node["type"] in FRONTEND_ONLY:
+            continue
+        specs = {n: spec for n, spec, _ in inputs_in_order(OBJECT_INFO[node["type"]])}
+        for inp in node["inputs"]:
+            if inp["link"] is not None and is_widget(specs[inp["name"]]):
+                assert inp.get("widget") == {"name": inp["name"]}, (node["type"], inp)
+
+
+def test_p2p_workflow_settings():
+    """Null-text inversion + Attention Control + Triple Guider at beta = gamma (plain CFG on the edit, as
+    Prompt-to-Prompt), wrapped by Perceptual Guidance that pulls outside the blend region, sampled as the edit."""
+    wf = load("psedit_p2p_sd15")
+    control = node_of(wf, "PSEditAttentionControl")
+    assert_p2p_defaults(wf, control)
+    guider = node_of(wf, "PSEditTripleGuider")
+    assert source_of(wf, guider, "model") is control
+    assert widgets(guider) == {"gamma": 7.5, "beta": 7.5}
+    assert next(i for i in guider["inputs"] if i["name"] == "window")["link"] is None
+    nti = source_of(wf, guider, "null_schedule")
+    assert nti["type"] == "PSEditNullTextInversion" and widgets(nti)["guidance"] == 7.5
+    assert widgets(nti)["method"] == "null-text"
+    perceptual = node_of(wf, "PSEditPerceptualGuidance")
+    assert source_of(wf, perceptual, "guider") is guider and source_of(wf, perceptual, "mask") is control
+    mask_link = next(i for i in perceptual["inputs"] if i["name"] == "mask")["link"]
+    link = next(lk for lk in wf["links"] if lk[0] == mask_link)
+    assert (link[2], link[5]) == (1, "MASK")  # blend_mask
+    assert widgets(source_of(wf, perceptual, "window")) == {"start": 0.2, "end": 0.8}
+    assert_sampled_as_the_edit(wf, perceptual)
+    assert any(t.get("title", "").endswith("strength 0 = off)") for t in nodes_of(wf, "PSEditPerceptualGuidance"))
+
+
+def test_pnp_workflow_settings():
+    """DDIM inversion + Feature Injection (the paper's windows and layers) + the stock CFGGuider on the edit caption
+    against the empty null; no null-text inversion, no perceptual guidance."""
+    wf = load("psedit_pnp_sd15")
+    types = {n["type"] for n in wf["nodes"]}
+    assert not types & {"PSEditNullTextInversion", "PSEditPerceptualGuidance", "PSEditTripleGuider"}
+    inject = node_of(wf, "PSEditFeatureInjection")
+    assert widgets(inject) == {"source_caption": SOURCE_TEXT, "feature_start": 0.0, "feature_end": 0.8,
+                               "attn_start": 0.0, "attn_end": 0.5, "feature_block": -1, "attn_from_block": -1}
+    assert source_of(wf, inject, "inversion") is node_of(wf, "PSEditDDIMInvert")
+    assert source_of(wf, inject, "model")["type"] == source_of(wf, inject, "clip")["type"] == "CheckpointLoaderSimple"
+    guider = node_of(wf, "CFGGuider")
+    assert source_of(wf, guider, "model") is inject and widgets(guider) == {"cfg": 7.5}
+    assert widgets(source_of(wf, guider, "positive"))["text"] == EDIT_TEXT
+    assert widgets(source_of(wf, guider, "negative"))["text"] == ""
+    assert_sampled_as_the_edit(wf, guider)
+
+
+def assert_sampled_as_the_edit(wf, guider):
+    run = node_of(wf, "SamplerCustomAdvanced")
+    assert source_of(wf, run, "guider") is guider
+    assert source_of(wf, run, "noise")["type"] == "DisableNoise"
+    assert widgets(source_of(wf, run, "sampler")) == {"sampler_name": "euler"}
+    invert = node_of(wf, "PSEditDDIMInvert")
+    assert source_of(wf, run, "latent_image") is invert
+    assert source_of(wf, run, "sigmas") is source_of(wf, invert, "sigmas")
+    assert widgets(invert) == {"cfg": 1.0, "refine": 2, "convention": "start"}
+    assert widgets(source_of(wf, invert, "sigmas")) == {"scheduler": "normal", "steps": 50, "denoise": 1.0}
 
 
 # --- flow-matching models (SD3.5, Flux) -------------------------------------------------------------------------------
