@@ -279,7 +279,8 @@ def test_edit_branch_batched_with_a_long_negative_prompt_is_still_controlled(sd1
     w = sd15
     model = w.p2p()[0]
     long_negative = w.encode(", ".join(["blurry, low quality, watermark"] * 20))
-    assert long_negative[0][0].shape[1] == 2 * w.edit[0][0].shape[1]
+    tokens = w.edit[0][0].shape[1]
+    assert long_negative[0][0].shape[1] > tokens and long_negative[0][0].shape[1] % tokens == 0  # several chunks
 
     def cfg(m):
         with torch.inference_mode():
@@ -289,10 +290,14 @@ def test_edit_branch_batched_with_a_long_negative_prompt_is_still_controlled(sd1
         return w.sample(guider)
 
     batched, plain = cfg(model), cfg(w.model)
-    monkeypatch.setattr(comfy.model_management, "get_free_memory", lambda *a, **k: 0)  # one branch per call
+    # ComfyUI batches branches only while memory_required(batch) * 1.5 < free memory: make every batch too large
+    monkeypatch.setattr(model.model, "memory_required", lambda *a, **k: float("inf"))
     alone = cfg(model)
-    assert rel(alone, plain) > 1e-4  # the control acts
-    assert rel(batched, alone) < 1e-5
+    effect = rel(alone, plain)
+    assert effect > 1e-4  # the control acts
+    # uncontrolled, batched would be `plain`: its distance to `alone` is `effect`; float noise of batching over
+    # repeated keys is ~1e-5
+    assert rel(batched, alone) < 0.01 * effect
 
 
 def test_shadowed_attention_patches_still_run(sd15):

@@ -1,6 +1,6 @@
-"""Slow, opt-in (PSEDIT_SLOW=1 and COMFYUI_PATH): ComfyUI's server runs the edit and Prompt-to-Prompt workflows'
-API-format twins on a randomly initialised full-size SD1.5 checkpoint (its real CLIP tokenizer) at about 100x100
-pixels, with PSEdit installed, and writes a finite image.
+"""Slow, opt-in (PSEDIT_SLOW=1 and COMFYUI_PATH): ComfyUI's server runs the edit, Prompt-to-Prompt and
+Plug-and-Play workflows' API-format twins on a randomly initialised full-size SD1.5 checkpoint (its real CLIP
+tokenizer) at about 100x100 pixels, with PSEdit installed, and writes a finite image.
 
 The checkpoint (UNet + CLIP-L + SD VAE, random weights, fp32, about 4 GB) is built with ComfyUI's own classes and saved
 with ``comfy.sd.save_checkpoint`` in a temporary folder; the real TAESD decoder and LPIPS trunk come from
@@ -61,11 +61,13 @@ def api_prompt(name: str, ckpt_name: str, photo: str) -> dict:
         for name, value in changes.get(node["class_type"], {}).items():
             assert name in node["inputs"], (node["class_type"], name)
             node["inputs"][name] = value
-    assert {n["class_type"] for n in prompt.values()} >= set(changes) | {"PSEditPerceptualGuidance", "SaveImage"}
+    assert {n["class_type"] for n in prompt.values()} >= {"CheckpointLoaderSimple", "LoadImage", "BasicScheduler",
+                                                          "ImageScaleToTotalPixels", "PSEditDDIMInvert", "SaveImage"}
     return prompt
 
 
-@pytest.mark.parametrize("name,prefix", [("psedit_edit_sd15", "psedit_edit_"), ("psedit_p2p_sd15", "psedit_p2p_")])
+@pytest.mark.parametrize("name,prefix", [("psedit_edit_sd15", "psedit_edit_"), ("psedit_p2p_sd15", "psedit_p2p_"),
+                                         ("psedit_pnp_sd15", "psedit_pnp_")])
 def test_edit_workflow_runs_on_server(tmp_path, checkpoint, name, prefix):
     server = Server(base=tmp_path / "comfy").prepare()
     checkpoints = server.base / "models" / "checkpoints"
