@@ -292,6 +292,7 @@ class Controller:
         self.source_key = f"psedit_control_source_{self.token}"
         self.run: _Run | None = None
         self.blend_probe = None  # (source token weights, edit token weights, accumulator) during the node's probe
+        self._warned: set = set()
 
     def __deepcopy__(self, memo):
         return self
@@ -567,6 +568,11 @@ class Controller:
             return default()
         q_src, k_src = self._usable(("q", layer)), self._usable(("k", layer))
         if q_src.shape[0] != b or q_src.shape[1:] != q.shape[1:]:
+            if "self-shape" not in self._warned:
+                self._warned.add("self-shape")
+                log.warning("%s: self-attention not injected: the sampled latent (batch %d, %d positions) is not the "
+                            "inverted photo's (batch %d, %d positions); sample the LATENT DDIM Invert returns",
+                            self.name, b, q.shape[1], q_src.shape[0], q_src.shape[1])
             return default()
         q2, k2 = replace_chunks(q, q_src, flags), replace_chunks(k, k_src, flags)
         return optimized_attention(q2, k2, v, heads, attn_precision=extra.get("attn_precision"))
