@@ -63,3 +63,48 @@ def run_node(node_cls, **inputs) -> tuple:
     if inspect.iscoroutine(out):
         out = asyncio.run(out)
     return tuple(out["result"]) if isinstance(out, dict) else tuple(out)
+
+
+def run_api_workflow(name: str, classes: dict, stand_in, changes: dict) -> tuple[list, list]:
+    """The example workflow ``name``'s API-format twin (as the frontend sends it), executed node by node under
+    inference mode, as ComfyUI's executor runs it. ``stand_in(kind, inputs)`` returns the outputs of a node the test
+    stands in for (the checkpoint, the text encoder, the photo) or None to run ``classes[kind]``; ``changes`` sets
+    widget values per node type (each must be an input of that node). Returns the images SaveImage received and the
+    node types run, in order."""
+    import json
+    import sys
+
+    import torch
+
+    sys.path.insert(0, str(tiny.REPO / "tests" / "workflows"))
+    from ui_to_api import ui_to_api
+
+    snapshot = json.loads((tiny.REPO / "tests" / "data" / "object_info.json").read_text())
+    pending = dict(ui_to_api(tiny.workflow(name), snapshot))
+    results, saved, ran = {}, [], []
+
+    def resolve(v):
+        return results[v[0]][v[1]] if isinstance(v, list) else v
+
+    with torch.inference_mode():
+        while pending:
+            ready = [i for i, n in pending.items()
+                     if all(not isinstance(v, list) or v[0] in results for v in n["inputs"].values())]
+            assert ready, f"no node can run: {sorted(pending)}"
+            for node_id in ready:
+                node = pending.pop(node_id)
+                kind = node["class_type"]
+                inputs = {k: resolve(v) for k, v in node["inputs"].items()}
+                for key, value in changes.get(kind, {}).items():
+                    assert key in inputs, (kind, key)
+                    inputs[key] = value
+                if kind == "SaveImage":
+                    saved.append(inputs["images"])
+                    out = ()
+                else:
+                    out = stand_in(kind, inputs)
+                    if out is None:
+                        out = run_node(classes[kind], **inputs)
+                results[node_id] = out
+                ran.append(kind)
+    return saved, ran

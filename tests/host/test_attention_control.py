@@ -28,7 +28,7 @@ import comfy.supported_models  # noqa: E402
 import comfy.supported_models_base  # noqa: E402
 import comfy_extras.nodes_custom_sampler as ncs  # noqa: E402
 import comfy_extras.nodes_sag as nsag  # noqa: E402
-from _comfy_env import run_node  # noqa: E402
+from _comfy_env import run_api_workflow, run_node  # noqa: E402
 from psedit_pack.nodes.control import AttentionControlNode, FeatureInjectionNode  # noqa: E402
 from psedit_pack.nodes.guidance import PerceptualGuidanceNode, TripleGuiderNode  # noqa: E402
 from psedit_pack.nodes.inversion import DDIMInvert  # noqa: E402
@@ -420,21 +420,12 @@ def run_workflow(name: str, parts, overrides: dict | None = None) -> tuple[list,
     classes under inference mode, as ComfyUI's executor runs them. Only the checkpoint (the tiny model, its CLIP, the
     real TAESD) and the photo are stood in for; the photo is scaled to 64x64 (8x8 latents), the steps cut to 4
     and null-text inversion to 2 iterations. Returns the images SaveImage received and the node types run."""
-    import json
-    import sys
-
     import comfy_extras.nodes_post_processing as npp
     import comfy_extras.nodes_primitive as nprim
     from psedit_pack.nodes import NODES
 
     import nodes as comfy_nodes
 
-    sys.path.insert(0, str(tiny.REPO / "tests" / "workflows"))
-    from ui_to_api import ui_to_api
-
-    snapshot = json.loads((tiny.REPO / "tests" / "data" / "object_info.json").read_text())
-    workflow = tiny.workflow(name)
-    prompt = ui_to_api(workflow, snapshot)
     classes = {n.define_schema().node_id: n for n in NODES}
     classes.update(PrimitiveStringMultiline=nprim.StringMultiline, ImageScaleToTotalPixels=npp.ImageScaleToTotalPixels,
                    CLIPTextEncode=comfy_nodes.CLIPTextEncode, VAEEncode=comfy_nodes.VAEEncode,
@@ -446,36 +437,15 @@ def run_workflow(name: str, parts, overrides: dict | None = None) -> tuple[list,
     for kind, values in (overrides or {}).items():
         changes[kind] = {**changes.get(kind, {}), **values}
     model, clip, vae = parts
-    results, saved, ran = {}, [], []
 
-    def resolve(v):
-        return results[v[0]][v[1]] if isinstance(v, list) else v
+    def stand_in(kind, inputs):
+        if kind == "CheckpointLoaderSimple":
+            return model, clip, vae
+        if kind == "LoadImage":
+            return tiny.photo(96), torch.zeros(1, 96, 96)
+        return None
 
-    pending = dict(prompt)
-    with torch.inference_mode():
-        while pending:
-            ready = [i for i, n in pending.items()
-                     if all(not isinstance(v, list) or v[0] in results for v in n["inputs"].values())]
-            assert ready, f"no node can run: {sorted(pending)}"
-            for node_id in ready:
-                node = pending.pop(node_id)
-                kind = node["class_type"]
-                inputs = {k: resolve(v) for k, v in node["inputs"].items()}
-                for key, value in changes.get(kind, {}).items():
-                    assert key in inputs, (kind, key)
-                    inputs[key] = value
-                if kind == "CheckpointLoaderSimple":
-                    out = (model, clip, vae)
-                elif kind == "LoadImage":
-                    out = (tiny.photo(96), torch.zeros(1, 96, 96))
-                elif kind == "SaveImage":
-                    saved.append(inputs["images"])
-                    out = ()
-                else:
-                    out = run_node(classes[kind], **inputs)
-                results[node_id] = out
-                ran.append(kind)
-    return saved, ran
+    return run_api_workflow(name, classes, stand_in, changes)
 
 
 @pytest.mark.parametrize("name", sorted(CONTROL_WORKFLOWS))

@@ -431,22 +431,13 @@ def test_flow_workflow_runs_on_a_tiny_model(name, family, flow_decoders):
     classes under inference mode. Only what needs real weights is stood in for: the checkpoint (tiny model, random
     SD3 VAE), the text encoder (random conditioning per caption) and the photo; the photo is scaled to 64x64 and the
     steps cut to 4 (null-text: 2 iterations) to fit the tiny model and the CPU."""
-    import json
-    import sys
-
     import comfy_extras.nodes_flux as nflux
     import comfy_extras.nodes_post_processing as npp
-    from _comfy_env import run_node
+    from _comfy_env import run_api_workflow
     from psedit_pack.nodes import NODES
 
     import nodes as comfy_nodes
 
-    sys.path.insert(0, str(tiny.REPO / "tests" / "workflows"))
-    from ui_to_api import ui_to_api
-
-    snapshot = json.loads((tiny.REPO / "tests" / "data" / "object_info.json").read_text())
-    workflow = tiny.workflow(name)
-    prompt = ui_to_api(workflow, snapshot)
     classes = {n.define_schema().node_id: n for n in NODES}
     classes.update(FluxGuidance=nflux.FluxGuidance, ImageScaleToTotalPixels=npp.ImageScaleToTotalPixels,
                    BasicScheduler=ncs.BasicScheduler, KSamplerSelect=ncs.KSamplerSelect,
@@ -456,36 +447,17 @@ def test_flow_workflow_runs_on_a_tiny_model(name, family, flow_decoders):
                  "PSEditNullTextInversion": {"inner_iterations": 2}}
     model, vae = tiny.build_tiny_flow(family), flow_decoders
     texts = {}
-    results, saved, ran = {}, [], []
 
-    def resolve(v):
-        return results[v[0]][v[1]] if isinstance(v, list) else v
+    def stand_in(kind, inputs):
+        if kind == "CheckpointLoaderSimple":
+            return model, None, vae
+        if kind == "CLIPTextEncode":
+            return (tiny.flow_conditioning(family, texts.setdefault(inputs["text"], len(texts))),)
+        if kind == "LoadImage":
+            return tiny.photo(96), torch.zeros(1, 96, 96)
+        return None
 
-    pending = dict(prompt)
-    with torch.inference_mode():
-        while pending:
-            ready = [i for i, n in pending.items()
-                     if all(not isinstance(v, list) or v[0] in results for v in n["inputs"].values())]
-            assert ready, f"no node can run: {sorted(pending)}"
-            for node_id in ready:
-                node = pending.pop(node_id)
-                kind = node["class_type"]
-                inputs = {k: resolve(v) for k, v in node["inputs"].items()}
-                inputs.update(overrides.get(kind, {}))
-                if kind == "CheckpointLoaderSimple":
-                    out = (model, None, vae)
-                elif kind == "CLIPTextEncode":
-                    seed = texts.setdefault(inputs["text"], len(texts))
-                    out = (tiny.flow_conditioning(family, seed),)
-                elif kind == "LoadImage":
-                    out = (tiny.photo(96), torch.zeros(1, 96, 96))
-                elif kind == "SaveImage":
-                    saved.append(inputs["images"])
-                    out = ()
-                else:
-                    out = run_node(classes[kind], **inputs)
-                results[node_id] = out
-                ran.append(kind)
+    saved, ran = run_api_workflow(name, classes, stand_in, overrides)
     assert {"PSEditDDIMInvert", "PSEditInvertedNoise", "PSEditPerceptualGuidance", "SamplerCustomAdvanced"} <= set(ran)
     assert ("PSEditFluxGuider" if family == "flux" else "PSEditNullTextInversion") in ran
     assert len(saved) == 1 and saved[0].shape == (1, 64, 64, 3) and torch.isfinite(saved[0]).all()
