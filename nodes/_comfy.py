@@ -315,7 +315,7 @@ def add_grad_options(model_options: dict) -> None:
         model_options, is_model_options=True)
     add(comfy.patcher_extension.WrappersMP.PREPARE_SAMPLING, "psedit_grad_memory", _prepare_with_grad_memory,
         model_options, is_model_options=True)
-    add(comfy.patcher_extension.WrappersMP.APPLY_MODEL, "psedit_grad_saved_copies", _saved_copies, model_options,
+    add(comfy.patcher_extension.WrappersMP.APPLY_MODEL, "psedit_grad_forward", _grad_forward, model_options,
         is_model_options=True)
     patches = model_options.setdefault("transformer_options", {}).setdefault("patches", {})
     if _fresh_skip not in patches.get("input_block_patch_after_skip", []):
@@ -338,26 +338,63 @@ def _unpack(tensor: torch.Tensor) -> torch.Tensor:
     return tensor
 
 
-def _saved_copies(executor, *args, **kwargs):
-    """An APPLY_MODEL wrapper: with gradients on, a model that modifies saved tensors in place
-    (:func:`_modifies_saved_tensors`) runs with autograd saving a copy of each tensor on the gradient path, so
-    backward sees the values the forward used (more activation memory, only then); otherwise it is a pass-through."""
-    if not torch.is_grad_enabled() or not _modifies_saved_tensors(executor.class_obj):
+def _grad_forward(executor, *args, **kwargs):
+    """An APPLY_MODEL wrapper for forwards with gradients on (a pass-through otherwise):
+
+    - ComfyUI's differentiable kernels: with ``comfy.model_management.in_training`` set (what the stock training node
+      sets), 0.33's Flux and other models take plain torch ops (RoPE) instead of comfy-kitchen kernels that have no
+      backward;
+    - a model that modifies saved tensors in place (:func:`_modifies_saved_tensors`) runs with autograd saving a copy
+      of each tensor on the gradient path, so backward sees the values the forward used (more activation memory,
+      only then)."""
+    if not torch.is_grad_enabled():
         return executor(*args, **kwargs)
-    with torch.autograd.graph.saved_tensors_hooks(_copy_if_grad, _unpack):
+    with contextlib.ExitStack() as stack:
+        stack.enter_context(training_kernels())
+        if _modifies_saved_tensors(executor.class_obj):
+            stack.enter_context(torch.autograd.graph.saved_tensors_hooks(_copy_if_grad, _unpack))
         return executor(*args, **kwargs)
 
 
-def _prepare_with_grad_memory(executor, model, noise_shape, conds, model_options=None):
+@contextlib.contextmanager
+def training_kernels():
+    """Within the block ComfyUI's models pick differentiable implementations (``model_management.in_training``,
+    ComfyUI 0.33; ComfyUI versions without the flag have only those)."""
+    mm = comfy.model_management
+    if not hasattr(mm, "in_training"):
+        yield
+        return
+    before = mm.in_training
+    mm.in_training = True
+    try:
+        yield
+    finally:
+        mm.in_training = before
+
+
+def _prepare_with_grad_memory(executor, model, noise_shape, conds, *args, **kwargs):
     """After ComfyUI's own preparation (the model is loaded, so its ``memory_required`` is the gradient one), load
-    the same models again with that estimate: ``load_models_gpu`` then frees memory or partially offloads."""
+    the same models again with that estimate: ``load_models_gpu`` then frees memory or partially offloads (with
+    ComfyUI 0.33's dynamic VRAM it evicts other models' weights for it). What this wrapper does not use (ComfyUI
+    0.33's ``force_full_load`` / ``force_offload``, anything later) is passed through unchanged."""
     import comfy.sampler_helpers
 
-    real_model, conds_out, models = executor(model, noise_shape, conds, model_options=model_options)
+    prepared = executor(model, noise_shape, conds, *args, **kwargs)
+    if kwargs.get("force_offload"):  # ComfyUI already asked for the most offloading there is
+        return prepared
+    conds_out, models = prepared[1], prepared[2]
     memory, minimum = comfy.sampler_helpers.estimate_memory(model, noise_shape, conds_out)
-    comfy.model_management.load_models_gpu([model] + list(models), memory_required=memory,
-                                           minimum_memory_required=minimum)
-    return real_model, conds_out, models
+    load = comfy.model_management.load_models_gpu
+    extra = {k: v for k, v in kwargs.items() if k == "force_full_load" and _accepts(load, k)}
+    load([model] + list(models), memory_required=memory, minimum_memory_required=minimum, **extra)
+    return prepared
+
+
+def _accepts(fn, name: str) -> bool:
+    import inspect
+
+    params = inspect.signature(fn).parameters
+    return name in params or any(p.kind is p.VAR_KEYWORD for p in params.values())
 
 
 def _loose_inference_params(model: torch.nn.Module, backup: dict | None = None):
@@ -377,10 +414,19 @@ def _loose_inference_params(model: torch.nn.Module, backup: dict | None = None):
 
 
 def _frozen(tensor: torch.Tensor) -> torch.Tensor:
-    """The weight wrapper: ComfyUI's cast has just copied the weight (a function forces the copy); detached, so
-    a layer whose parameters still ask for gradients (ControlNets do) records no weight gradient and never has to
-    save an inference-tensor input (a ControlNet's cached hint) for backward."""
-    return tensor.detach()
+    """The weight wrapper: the weight ComfyUI's cast hands the layer, detached (a layer whose parameters still ask
+    for gradients, as ControlNets do, records no weight gradient and never has to save an inference-tensor input,
+    a ControlNet's cached hint, for backward) and private to this forward.
+
+    ComfyUI 0.3.x copies a weight that has a function; 0.33 may instead hand a view of a cast buffer that the next
+    layer overwrites (lowvram offload streams, dynamic VRAM) or the resident inference tensor itself (dynamic VRAM,
+    ``.to`` of the same dtype copies nothing). Autograd would save either for backward, so those are copied here;
+    a fresh copy (no base, not an inference tensor) and any weight of a forward without gradients are handed on
+    as they are."""
+    out = tensor.detach()
+    if torch.is_grad_enabled() and (out.is_inference() or out._base is not None):
+        out = out.clone()
+    return out
 
 
 def _fresh_skip(h: torch.Tensor, transformer_options: dict) -> torch.Tensor:
@@ -404,8 +450,8 @@ def _grad_memory(patcher):
     compute = getattr(model, "manual_cast_dtype", None) or model.get_dtype()
     copies = weight_bytes(model.diffusion_model, compute)
 
-    def memory_required(input_shape, cond_shapes={}):  # noqa: B006 (ComfyUI's signature)
-        return GRAD_ACTIVATION_FACTOR * base(input_shape, cond_shapes=cond_shapes) + copies
+    def memory_required(input_shape, *args, **kwargs):
+        return GRAD_ACTIVATION_FACTOR * base(input_shape, *args, **kwargs) + copies
 
     return memory_required
 
@@ -455,11 +501,11 @@ def frozen_for_grad(modules):
                 p.requires_grad_(True)
 
 
-def _controls_with_grad(executor, model, conds, x_in, timestep, model_options):
+def _controls_with_grad(executor, model, conds, *args, **kwargs):
     if not torch.is_grad_enabled():
-        return executor(model, conds, x_in, timestep, model_options)
+        return executor(model, conds, *args, **kwargs)
     with frozen_for_grad(control_modules(conds)):
-        return executor(model, conds, x_in, timestep, model_options)
+        return executor(model, conds, *args, **kwargs)
 
 
 _GRAD_FAILURES = ("Inference tensors cannot be saved for backward", "modified by an inplace operation",
@@ -494,15 +540,45 @@ def ordinary_latent_format(fmt):
 
 # --- decoders --------------------------------------------------------------------------------------------------------
 
-def taesd_decoder_path(model) -> str:
-    name = getattr(latent_format(model), "taesd_decoder_name", None)
-    if name is None:
+AUTO_TAESD, VAE_DECODER = "taesd", "vae"  # decoder choices besides a file of models/vae_approx
+
+
+def is_taesd(choice: str) -> bool:
+    """Whether a decoder choice is a TAESD decoder ("taesd": the model's own, or a file name) rather than the VAE."""
+    return choice != VAE_DECODER
+
+
+def taesd_decoder_files() -> list[str]:
+    """The TAESD decoders in ``models/vae_approx`` (``*_decoder.*``), for a node's decoder choice."""
+    return sorted(f for f in folder_paths.get_filename_list("vae_approx")
+                  if os.path.splitext(os.path.basename(f))[0].endswith("_decoder"))
+
+
+def taesd_decoder_path(model, choice: str = AUTO_TAESD) -> str:
+    """The TAESD decoder file for ``model``: the one its latent format names ("taesd"), or the file ``choice`` names
+    in ``models/vae_approx`` (checked against the model's latents where its name is a known TAESD decoder's)."""
+    wanted = getattr(latent_format(model), "taesd_decoder_name", None)
+    if choice != AUTO_TAESD:
+        stem = os.path.splitext(os.path.basename(choice))[0]
+        if stem in TAESD_LATENTS and wanted is not None and stem != wanted:
+            raise ValueError(
+                f"decoder {choice} decodes {TAESD_LATENTS[stem]} latents but this model's are {model_family(model)}: "
+                f"choose {wanted}.safetensors (or 'taesd', which picks it)"
+            )
+        path = folder_paths.get_full_path("vae_approx", choice)
+        if path is None:
+            raise FileNotFoundError(
+                f"decoder {choice} is not in {folder_paths.get_folder_paths('vae_approx')}: download it from the "
+                "madebyollin/taesd repository (a workflow's missing-models dialog offers it), or choose decoder 'vae'"
+            )
+        return path
+    if wanted is None:
         raise ValueError(f"no TAESD decoder exists for {model_family(model)} latents: choose decoder 'vae'")
     for f in folder_paths.get_filename_list("vae_approx"):
-        if f.startswith(f"{name}."):
+        if f.startswith(f"{wanted}."):
             return folder_paths.get_full_path_or_raise("vae_approx", f)
     raise FileNotFoundError(
-        f"decoder 'taesd' needs {name}.safetensors (or .pth) in {folder_paths.get_folder_paths('vae_approx')}: "
+        f"decoder 'taesd' needs {wanted}.safetensors (or .pth) in {folder_paths.get_folder_paths('vae_approx')}: "
         "download it from the madebyollin/taesd repository, or choose decoder 'vae'"
     )
 
@@ -513,13 +589,13 @@ TAESD_LATENTS = {"taesd_decoder": "SD15", "taesdxl_decoder": "SDXL", "taesd3_dec
 _taesd_patchers: dict[str, object] = {}
 
 
-def taesd_patcher(model):
+def taesd_patcher(model, choice: str = AUTO_TAESD):
     """A ModelPatcher (gradient-enabled) around TAESD's decoder alone, fp32, cached per file: ComfyUI loads it with
     the sampling (memory accounted, offloaded when memory is short) and unloads it like any model."""
     import comfy.model_patcher
     from comfy.taesd.taesd import Decoder
 
-    path = taesd_decoder_path(model)
+    path = taesd_decoder_path(model, choice)
     if path not in _taesd_patchers:
         with torch.inference_mode(False):
             decoder = Decoder(latent_channels=latent_format(model).latent_channels)
@@ -546,10 +622,10 @@ def _taesd_input(model):
 
 
 def decoder_patcher(model, vae, choice: str):
-    """The ModelPatcher whose weights the guidance decoder uses, gradient-enabled: TAESD's decoder, or a clone of
-    the checkpoint VAE's own patcher (no copy of the VAE is made)."""
-    if choice == "taesd":
-        return taesd_patcher(model)
+    """The ModelPatcher whose weights the guidance decoder uses, gradient-enabled: TAESD's decoder ("taesd" or a
+    file of models/vae_approx), or a clone of the checkpoint VAE's own patcher (no copy of the VAE is made)."""
+    if is_taesd(choice):
+        return taesd_patcher(model, choice)
     if vae is None:
         raise ValueError("decoder 'vae' needs a VAE connected (or choose decoder 'taesd')")
     return differentiable_patcher(vae.patcher, unet=False)
@@ -564,7 +640,7 @@ def make_decoder(model, vae, choice: str, patcher=None):
     """
     patcher = patcher or decoder_patcher(model, vae, choice)
     module, device = patcher.model, patcher.load_device
-    if choice == "taesd":
+    if is_taesd(choice):
         to_input = _taesd_input(model)
 
         def decode(x0: torch.Tensor) -> torch.Tensor:
@@ -591,7 +667,7 @@ def make_decoder(model, vae, choice: str, patcher=None):
 
 
 def vae_ratio(vae, choice: str) -> int:
-    if choice == "taesd" or vae is None:
+    if is_taesd(choice) or vae is None:
         return SPATIAL_RATIO
     return int(getattr(vae, "downscale_ratio", SPATIAL_RATIO))
 

@@ -321,9 +321,12 @@ class PerceptualGuidanceNode(io.ComfyNode):
                 io.Combo.Input("gradient", options=["x0", "full"], default="x0",
                                tooltip="x0: gradient through the decoder only (fast). full: through the model too, "
                                "as in DPS (about 3x slower, more memory)."),
-                io.Combo.Input("decoder", options=["vae", "taesd"], default="taesd",
-                               tooltip="Decoder for the guidance: the checkpoint's VAE (exact, slow backward) or "
-                               "TAESD from models/vae_approx (about 15x cheaper)."),
+                io.Combo.Input("decoder", options=[_comfy.AUTO_TAESD, _comfy.VAE_DECODER,
+                                                   *_comfy.taesd_decoder_files()], default=_comfy.AUTO_TAESD,
+                               tooltip="Decoder for the guidance: a TAESD decoder from models/vae_approx (about 15x "
+                               "cheaper than the VAE; 'taesd' picks the one for the model's latents, e.g. "
+                               "taesd_decoder for SD1.x, taesdxl_decoder for SDXL, taesd3_decoder for SD3, "
+                               "taef1_decoder for Flux), or the checkpoint's VAE (exact, slow backward)."),
                 io.Combo.Input("step", options=["normalized", "plain"], default="normalized",
                                tooltip="normalized: the correction has RMS 'strength' whatever the loss's size; "
                                "plain: strength x the gradient of the LPIPS summed over latent elements (the same "

@@ -2,9 +2,10 @@
 
     python tools/make_workflows.py
 
-Reads tests/data/object_info.json (tools/snapshot_object_info.py refreshes it from a live ComfyUI), so widget order,
-defaults and socket types always follow the real schemas; tests/workflows/ validates the result against the same
-file. Edit the graphs here, not the JSON.
+Reads the oldest supported ComfyUI's node schemas, tests/data/object_info/<version>.json (tools/snapshot_object_info.py
+writes one per version from a live ComfyUI), so widget order, defaults and socket types always follow the real
+schemas; a newer ComfyUI's frontend fills widgets it added at the end of a node with their defaults. tests/workflows/
+validates the result against every version's snapshot. Edit the graphs here, not the JSON.
 
 File names: the frontend titles a custom node pack's template by its file name (and turns the same name, with - and _
 as spaces, into its description), so each workflow is written to ``example_workflows/<title>.json`` (TITLES,
@@ -22,7 +23,10 @@ import sys
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-INFO = json.loads((REPO / "tests" / "data" / "object_info.json").read_text())
+sys.path.insert(0, str(REPO / "tests" / "workflows"))
+import snapshots  # noqa: E402  (tests/workflows: the schema snapshot of each supported ComfyUI)
+
+INFO = snapshots.load(snapshots.oldest())
 OUT = REPO / "example_workflows"
 WIDGET_TYPES = {"INT", "FLOAT", "STRING", "BOOLEAN", "COMBO"}
 NOTE_COLOR = {"color": "#432", "bgcolor": "#653"}
@@ -61,9 +65,10 @@ def path_of(name: str) -> Path:
     return OUT / f"{TITLES[name]}.json"
 
 # Model files each workflow names, with the download the frontend's missing-models dialog offers (it accepts
-# huggingface.co / civitai.com .safetensors links). Checkpoints ride on their loader node (the frontend lists a
-# node's ``properties.models`` entry when the name is one of its widget values); the TAESD decoder, which no node
-# names in a widget, is a workflow-level ``models`` entry.
+# huggingface.co / civitai.com .safetensors links). Each rides on the node that names it in a widget, in that node's
+# ``properties.models`` (the checkpoint on its loader, the TAESD decoder on Perceptual Guidance's decoder widget):
+# the frontend lists such an entry when the name is one of the node's widget values (ComfyUI 0.33's frontend lists
+# nothing else). The TAESD decoder is also a workflow-level ``models`` entry, which 0.3.64's frontend reads.
 CHECKPOINTS = {
     "sd15": {"name": "v1-5-pruned-emaonly-fp16.safetensors", "directory": "checkpoints",
              "url": "https://huggingface.co/Comfy-Org/stable-diffusion-v1-5-archive/resolve/main/"
@@ -121,7 +126,8 @@ class Graph:
         """A node of ``type_`` in column ``col`` at or below ``y`` (or at ``x(col) + at, y`` exactly); ``models``:
         the files it loads, for the frontend's missing-models dialog."""
         if type_ not in INFO:
-            raise KeyError(f"{type_} is not in tests/data/object_info.json: add it to tools/snapshot_object_info.py")
+            raise KeyError(f"{type_} is not in {snapshots.path_for(snapshots.oldest())}: add it to "
+                           "tools/snapshot_object_info.py")
         info = INFO[type_]
         widgets = dict(widgets or {})
         values, inputs, widget_h = [], [], 0
@@ -319,12 +325,14 @@ def attention_control(g: Graph, s: dict, col: int, y: float = 0, title: str = "P
     return node
 
 
-def perceptual(g: Graph, s: dict, inner: dict, col: int, y: float, mask: dict | None = None,
+def perceptual(g: Graph, s: dict, inner: dict, col: int, y: float, decoder: dict, mask: dict | None = None,
                title: str = "PSEdit Perceptual Guidance", mask_output: str = "edit_mask") -> dict:
+    """Perceptual Guidance with the TAESD ``decoder`` (a TAESD entry) named in its decoder widget and declared on the
+    node, so the missing-models dialog offers it."""
     w = window(g, col, y, PERCEPTUAL_WINDOW, "perceptual guidance window")
     node = g.add("PSEditPerceptualGuidance", col, y,
-                 {"strength": PERCEPTUAL_STRENGTH, "lpips_net": "vgg", "gradient": "x0", "decoder": "taesd",
-                  "step": "normalized", "pixel_weight": 0.0}, title=title, width=340)
+                 {"strength": PERCEPTUAL_STRENGTH, "lpips_net": "vgg", "gradient": "x0", "decoder": decoder["name"],
+                  "step": "normalized", "pixel_weight": 0.0}, title=title, width=340, models=[decoder])
     g.link(inner, "GUIDER", node, "guider")
     g.link(s["ckpt"], "VAE", node, "vae")
     g.link(s["image"], "IMAGE", node, "image")
@@ -414,7 +422,7 @@ def edit_workflow(family: str, masked: bool = False) -> dict:
         g.link(s["invert"], "inversion", mask, "inversion")
         g.link(s["source"], "CONDITIONING", mask, "source")
         g.link(s["edit"], "CONDITIONING", mask, "edit")
-    guided = perceptual(g, s, guider, 4, 0, mask=mask)
+    guided = perceptual(g, s, guider, 4, 0, TAESD[family], mask=mask)
     if masked:
         to_image = g.add("MaskToImage", 4, 0, width=340)
         g.link(mask, "edit_mask", to_image, "mask")
@@ -462,7 +470,7 @@ def ablation_workflow() -> dict:
                       model=control)
     textopt = triple(g, s, 3, 0, beta=BETA, span=TEXT_WINDOW, title="2. Text optimization")
     noise, sampler = noise_and_sampler(g, 4, 0)
-    guided = perceptual(g, s, textopt, 4, 560, title="3. Perceptual + text optimization")
+    guided = perceptual(g, s, textopt, 4, 560, TAESD["sd15"], title="3. Perceptual + text optimization")
     d1 = sample(g, s, nulltext, noise, sampler, 5, 0, title="sample 1. Null-text")
     d2 = sample(g, s, textopt, noise, sampler, 5, 330, title="sample 2. Text optimization")
     d3 = sample(g, s, guided, noise, sampler, 5, 660, title="sample 3. Perceptual + text")
@@ -569,7 +577,7 @@ def p2p_workflow() -> dict:
     control = attention_control(g, s, 3, 0)
     guider = triple(g, s, 3, 0, beta=GAMMA, span=None, title="PSEdit Triple Guider (beta = gamma: CFG on the edit)",
                     model=control)
-    guided = perceptual(g, s, guider, 4, 0, mask=control, mask_output="blend_mask",
+    guided = perceptual(g, s, guider, 4, 0, TAESD["sd15"], mask=control, mask_output="blend_mask",
                         title="PSEdit Perceptual Guidance (optional: strength 0 = off)")
     noise, sampler = noise_and_sampler(g, 5)
     decode = sample(g, s, guided, noise, sampler, 6)
@@ -740,7 +748,7 @@ def flow_edit_workflow(family: str) -> dict:
     g.link(texts["source"], "CONDITIONING", guider, "source")
     g.link(texts["edit"], "CONDITIONING", guider, "edit")
     g.link(text_window, "window", guider, "window")
-    guided = perceptual(g, {"ckpt": ckpt, "image": image}, guider, 4, 0)
+    guided = perceptual(g, {"ckpt": ckpt, "image": image}, guider, 4, 0, TAESD[family])
     sampler = g.add("KSamplerSelect", 5, 0, {"sampler_name": "euler"}, title="KSamplerSelect (euler = DDIM)",
                     width=320)
     run = g.add("SamplerCustomAdvanced", 6, 0, width=300)

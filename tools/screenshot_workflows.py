@@ -339,6 +339,26 @@ async def load_workflow(page: Browser, name: str) -> None:
         log.warning("%s: a Load Image preview did not load; the picture shows an empty node", name)
 
 
+async def missing_models_listed(page: Browser, name: str, timeout: float = 30) -> str:
+    """Load ``name`` as the template browser does into a frontend whose missing-models warning is on, and return the
+    text of what the frontend lists as missing: the Missing Models dialog (frontend 1.2x, ComfyUI 0.3.x) or the
+    Errors panel behind the "View details" of its error toast (1.4x, ComfyUI 0.33)."""
+    route = template_url(name, ".json")
+    await page.evaluate(f"""(async () => {{
+        const r = await fetch({json.dumps(route)});
+        if (!r.ok) throw new Error('GET {route}: ' + r.status);
+        await window.app.loadGraphData(await r.json(), true, true, {json.dumps(name)});
+        return true; }})()""")
+    listed = """(() => {
+        const details = [...document.querySelectorAll('button')].find(b => b.innerText.trim() === 'View details');
+        if (details) details.click();
+        const text = document.body.innerText;
+        return text.includes('Missing Models') ? text : ''; })()"""
+    await page.wait_for(listed, f"{name}: the frontend's missing-models listing", timeout=timeout)
+    await asyncio.sleep(1.0)  # the list fills in after its heading
+    return await page.evaluate("document.body.innerText")
+
+
 async def graph_bounds(page: Browser) -> list[float]:
     return await page.evaluate(f"""(() => {{
         let x0 = Infinity, y0 = Infinity, x1 = -Infinity, y1 = -Infinity;

@@ -1,14 +1,16 @@
-"""Write tests/data/object_info.json: the schemas of PSEdit's nodes and of every stock node the workflows use.
+"""Write tests/data/object_info/<version>.json: the schemas of PSEdit's nodes and of every stock node the workflows
+use, as the ComfyUI at COMFYUI_PATH (of that version) serves them.
 
-    COMFYUI_PATH=/path/to/ComfyUI python tools/snapshot_object_info.py
-    python tools/make_workflows.py      # then regenerate the workflows from it
+    COMFYUI_PATH=/path/to/ComfyUI python tools/snapshot_object_info.py     # once per supported ComfyUI version
+    python tools/make_workflows.py      # then regenerate the workflows (from the oldest version's snapshot)
 
 Starts ComfyUI (``main.py --cpu``, loopback, a free port, no browser, no API nodes) with this repository installed as
 ``custom_nodes/psedit`` in a throw-away base directory (see tests/host/comfy_server.py), reads ``/object_info``, keeps
 every ``PSEdit*`` node plus the stock nodes the generator needs (STOCK, OPTIONAL) and any other type found in
-example_workflows/, and stops the server. File lists (checkpoints, input images) are emptied so the snapshot is the
-same on every machine. The always-run workflow tests validate example_workflows/ against this file; a host test
-checks it still equals the live schemas, so it cannot go stale unnoticed.
+example_workflows/, and stops the server. File lists (checkpoints, input images, decoders) are emptied so the
+snapshot is the same on every machine. The always-run workflow tests validate example_workflows/ against every
+version's file; a host test checks the file of the host's version still equals the live schemas, so it cannot go
+stale unnoticed.
 """
 
 from __future__ import annotations
@@ -19,10 +21,11 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tests" / "host"))
+sys.path.insert(0, str(REPO / "tests" / "workflows"))
 
+import snapshots  # noqa: E402
 from comfy_server import Server  # noqa: E402
 
-OUT = REPO / "tests" / "data" / "object_info.json"
 # Stock nodes tools/make_workflows.py builds with; OPTIONAL ones are used only when this ComfyUI has them.
 STOCK = ["CheckpointLoaderSimple", "CLIPTextEncode", "LoadImage", "VAEEncode", "VAEDecode", "BasicScheduler",
          "KSamplerSelect", "DisableNoise", "SamplerCustomAdvanced", "SaveImage", "PreviewImage", "MaskToImage",
@@ -30,8 +33,10 @@ STOCK = ["CheckpointLoaderSimple", "CLIPTextEncode", "LoadImage", "VAEEncode", "
          "CFGGuider"]
 OPTIONAL = ["ImageBatch"]
 FRONTEND_ONLY = {"Note", "MarkdownNote", "Reroute", "PrimitiveNode"}
-# Machine-specific option lists (files on disk), emptied; tests/workflows/validate.py accepts any file name there.
-FILE_LISTS = {("CheckpointLoaderSimple", "ckpt_name"), ("LoadImage", "image")}
+# Machine-specific option lists (files on disk), emptied down to the fixed choices listed here; tests/workflows/
+# validate.py accepts any file name there.
+FILE_LISTS = {("CheckpointLoaderSimple", "ckpt_name"): [], ("LoadImage", "image"): [],
+              ("PSEditPerceptualGuidance", "decoder"): ["taesd", "vae"]}
 
 
 def workflow_types() -> set[str]:
@@ -42,9 +47,10 @@ def workflow_types() -> set[str]:
 
 
 def strip_file_lists(name: str, info: dict) -> dict:
-    """``info`` with the option lists of file-name inputs emptied (old list form and new COMBO form)."""
+    """``info`` with the option lists of file-name inputs emptied but for their fixed choices (old list form and new
+    COMBO form)."""
     info = json.loads(json.dumps(info))
-    for node, inp in FILE_LISTS:
+    for (node, inp), fixed in FILE_LISTS.items():
         if name != node:
             continue
         for group in ("required", "optional"):
@@ -52,9 +58,9 @@ def strip_file_lists(name: str, info: dict) -> dict:
             if spec is None:
                 continue
             if isinstance(spec[0], list):
-                spec[0] = []
+                spec[0] = [o for o in spec[0] if o in fixed]
             if len(spec) > 1 and isinstance(spec[1], dict) and "options" in spec[1]:
-                spec[1]["options"] = []
+                spec[1]["options"] = [o for o in spec[1]["options"] if o in fixed]
     return info
 
 
@@ -78,9 +84,10 @@ def main() -> None:
     if not any(n.startswith("PSEdit") for n in live):
         raise SystemExit(f"PSEdit's nodes did not load; the server log was:\n{log[-4000:]}")
     info = keep(live, wanted)
-    OUT.parent.mkdir(parents=True, exist_ok=True)
-    OUT.write_text(json.dumps(info, indent=1, sort_keys=True) + "\n")
-    sys.stdout.write(f"wrote {OUT.relative_to(REPO)} ({len(info)} node types; "
+    out = snapshots.path_for(snapshots.host_version(server.root))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(info, indent=1, sort_keys=True) + "\n")
+    sys.stdout.write(f"wrote {out.relative_to(REPO)} ({len(info)} node types; "
                      f"{', '.join(n for n in OPTIONAL if n not in live) or 'no optional node'} missing)\n")
 
 

@@ -71,7 +71,6 @@ def run_api_workflow(name: str, classes: dict, stand_in, changes: dict) -> tuple
     stands in for (the checkpoint, the text encoder, the photo) or None to run ``classes[kind]``; ``changes`` sets
     widget values per node type (each must be an input of that node). Returns the images SaveImage received and the
     node types run, in order."""
-    import json
     import sys
 
     import torch
@@ -79,8 +78,7 @@ def run_api_workflow(name: str, classes: dict, stand_in, changes: dict) -> tuple
     sys.path.insert(0, str(tiny.REPO / "tests" / "workflows"))
     from ui_to_api import ui_to_api
 
-    snapshot = json.loads((tiny.REPO / "tests" / "data" / "object_info.json").read_text())
-    pending = dict(ui_to_api(tiny.workflow(name), snapshot))
+    pending = dict(ui_to_api(tiny.workflow(name), tiny.host_object_info()))
     results, saved, ran = {}, [], []
 
     def resolve(v):

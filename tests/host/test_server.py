@@ -1,6 +1,7 @@
 """Host tier: a real ComfyUI server with PSEdit in custom_nodes starts cleanly, serves PSEdit's node schemas (equal
-to the snapshot the always-run workflow tests use, so it cannot go stale), documents every node and input, and lists
-and serves the example workflows as templates."""
+to the snapshot of its ComfyUI version the always-run workflow tests use, so it cannot go stale), documents every
+node and input, lists and serves the example workflows as templates, and validates each workflow's API twin (as the
+frontend converts it with the live schemas)."""
 
 from __future__ import annotations
 
@@ -24,13 +25,18 @@ except tiny.ComfyUnavailable:
 sys.path.insert(0, str(tiny.REPO / "tools"))
 sys.path.insert(0, str(tiny.REPO / "tests" / "workflows"))
 
+import snapshots  # noqa: E402  (tests/workflows: a schema snapshot per supported ComfyUI version)
 from comfy_server import PACK_FOLDER, Server  # noqa: E402
 from make_workflows import WORKFLOWS as BUILDERS  # noqa: E402  (tools/: the workflows by id)
 from make_workflows import path_of  # noqa: E402
 from snapshot_object_info import strip_file_lists  # noqa: E402  (tools/: the snapshot's own normalisation)
 from ui_to_api import ui_to_api  # noqa: E402
 
-SNAPSHOT = json.loads((tiny.REPO / "tests" / "data" / "object_info.json").read_text())
+HOST_VERSION = snapshots.host_version(tiny.comfy_path())
+KNOWN_HOST = HOST_VERSION in snapshots.versions()
+# The host's own snapshot; on a ComfyUI without one (a user's newer one), the newest, of which only what PSEdit owns
+# (its nodes' schemas) is compared.
+SNAPSHOT = snapshots.load(HOST_VERSION if KNOWN_HOST else snapshots.newest())
 WORKFLOWS = sorted(BUILDERS)  # ids; path_of(id) is example_workflows/<title>.json, the template <title>
 PSEDIT_NODES = {"PSEditDDIMInvert", "PSEditNullTextInversion", "PSEditTripleGuider", "PSEditPerceptualGuidance",
                 "PSEditStepWindow", "PSEditEditMask", "PSEditInvertedNoise", "PSEditFluxGuider",
@@ -39,26 +45,28 @@ SCHEMA_KEYS = ("input", "input_order", "output", "output_is_list", "output_name"
 
 
 def named_files() -> set[tuple[str, str]]:
-    """``(node type, file name)`` of every checkpoint and photo the workflows name (machine-specific combos)."""
+    """``(folder, file name)`` of every model file and photo the workflows name (machine-specific combos): the files a
+    user has once the missing-models dialog has downloaded them."""
     found = set()
     for name in WORKFLOWS:
-        wf = tiny.workflow(name)
-        found |= {(n["type"], n["widgets_values"][0]) for n in wf["nodes"]
-                  if n["type"] in ("CheckpointLoaderSimple", "LoadImage")}
+        for node in tiny.workflow(name)["nodes"]:
+            found |= {(m["directory"], m["name"]) for m in (node.get("properties") or {}).get("models", [])}
+            if node["type"] == "LoadImage":
+                found.add(("input", node["widgets_values"][0]))
     return found
 
 
 @pytest.fixture(scope="module")
 def server():
     s = Server().prepare()  # loopback, free port, own base directory; log in <base>/server.log
-    # The files the workflows name, so ComfyUI's own prompt validation accepts their combos: a stub checkpoint
-    # (loading it fails, after validation) and a real little image.
-    (s.base / "models" / "checkpoints").mkdir(parents=True, exist_ok=True)
-    for kind, file in named_files():
-        if kind == "CheckpointLoaderSimple":
-            (s.base / "models" / "checkpoints" / file).write_bytes(b"")
-        else:
+    # The files the workflows name, so ComfyUI's own prompt validation accepts their combos: stub model files
+    # (loading one fails, after validation) and a real little image.
+    for folder, file in named_files():
+        if folder == "input":
             Image.new("RGB", (64, 64), (120, 90, 60)).save(s.base / "input" / file)
+        else:
+            (s.base / "models" / folder).mkdir(parents=True, exist_ok=True)
+            (s.base / "models" / folder / file).write_bytes(b"")
     s.start()
     yield s
     s.stop(remove=True)
@@ -122,9 +130,26 @@ def test_schema_matches_snapshot(live, name):
     assert name in live, f"{name} is not served by this ComfyUI"
     info = strip_file_lists(name, live[name])
     fix = "run tools/snapshot_object_info.py, then tools/make_workflows.py"
+    if not KNOWN_HOST:
+        if not name.startswith("PSEdit"):
+            pytest.skip(f"no schema snapshot of ComfyUI {HOST_VERSION} (tests/data/object_info/): stock node schemas "
+                        "are checked through the API twins below")
+        fix = f"PSEdit's schema differs on ComfyUI {HOST_VERSION}: snapshot it ({fix})"
     for key in SCHEMA_KEYS:
         assert info.get(key) == SNAPSHOT[name].get(key), f"{name} {key} changed: {fix}"
-    assert info == SNAPSHOT[name], f"{name} changed (description, tooltips, ...): {fix}"
+    if KNOWN_HOST:
+        assert info == SNAPSHOT[name], f"{name} changed (description, tooltips, ...): {fix}"
+    else:
+        for key in ("description", "display_name", "category", "output_tooltips"):
+            assert info.get(key) == SNAPSHOT[name].get(key), f"{name} {key} changed: {fix}"
+
+
+def test_host_version_has_a_snapshot():
+    """The ComfyUI trees CI runs on (0.33.0; 0.3.64 in the slow tier) each have one; on another version this says
+    what was left unchecked instead of passing silently."""
+    if not KNOWN_HOST:
+        pytest.skip(f"ComfyUI {HOST_VERSION} has no schema snapshot; stock schemas unchecked")
+    assert snapshots.path_for(HOST_VERSION).is_file()
 
 
 @pytest.mark.parametrize("name", sorted(PSEDIT_NODES))
@@ -158,11 +183,12 @@ def test_workflow_templates_listed_and_served(server):
 
 
 @pytest.mark.parametrize("name", WORKFLOWS)
-def test_api_twin_passes_comfyui_validation(server, name):
+def test_api_twin_passes_comfyui_validation(server, live, name):
     """ComfyUI's own validate_prompt (types, ranges, options, required inputs, output nodes) accepts each workflow's
-    API-format twin. Accepted prompts are queued; the queue is cleared and the stub checkpoint fails to load."""
+    API-format twin, converted with the live schemas as the frontend converts it (new widgets get their defaults).
+    Accepted prompts are queued; the queue is cleared and the stub checkpoint fails to load."""
     workflow = tiny.workflow(name)
-    prompt = ui_to_api(workflow, SNAPSHOT)
+    prompt = ui_to_api(workflow, live)
     request = urllib.request.Request(f"{server.url}/prompt", data=json.dumps({"prompt": prompt}).encode(),
                                      headers={"Content-Type": "application/json"})
     try:

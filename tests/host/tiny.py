@@ -35,6 +35,16 @@ def workflow(name: str) -> dict:
     return json.loads(_workflow_generator().path_of(name).read_text())
 
 
+def host_object_info() -> dict:
+    """The node schemas of the ComfyUI at COMFYUI_PATH: its version's snapshot (tests/data/object_info/), or the
+    newest one for a version without a snapshot."""
+    sys.path.insert(0, str(REPO / "tests" / "workflows"))
+    import snapshots
+
+    version = snapshots.host_version(comfy_path())
+    return snapshots.load(version if version in snapshots.versions() else snapshots.newest())
+
+
 def _workflow_generator():
     """tools/make_workflows.py, imported once (it reads tests/data/object_info.json, nothing else)."""
     if "make_workflows" not in sys.modules:
@@ -326,12 +336,24 @@ def _flux_config(guidance_embed: bool = True, size: str = "tiny") -> dict:
     3072, 24 heads, 19 double and 38 single blocks, 12 B parameters)."""
     hidden, heads, depth, single, axes = {"tiny": (64, 2, 1, 1, [4, 14, 14]), "small": (512, 4, 2, 4, [16, 56, 56]),
                                           "full": (3072, 24, 19, 38, [16, 56, 56])}[size]
-    return dict(
+    config = dict(
         image_model="flux", in_channels=16, out_channels=16, vec_in_dim=FLOW_POOLED["flux"],
         context_in_dim=FLOW_CONTEXT, hidden_size=hidden, mlp_ratio=4.0, num_heads=heads, depth=depth,
         depth_single_blocks=single, axes_dim=axes, theta=10000, patch_size=2, qkv_bias=True,
         guidance_embed=guidance_embed,
     )
+    return {**config, **_flux_params_since_0_33()}
+
+
+def _flux_params_since_0_33() -> dict:
+    """What ComfyUI's model detection adds for Flux.1 where its ``FluxParams`` has the field (0.33: ``txt_ids_dims``,
+    empty for Flux.1, the text positions carrying no ids); nothing on older ComfyUI."""
+    import dataclasses
+
+    import comfy.ldm.flux.model
+
+    fields = {f.name for f in dataclasses.fields(comfy.ldm.flux.model.FluxParams)}
+    return {"txt_ids_dims": []} if "txt_ids_dims" in fields else {}
 
 
 def build_tiny_flow(family: str = "sd3", seed: int = 0, std: float = 0.05, inference: bool = True,

@@ -50,10 +50,8 @@ MEGAPIXELS, PHOTO_SIZE, EDIT_SHAPE = 0.01, (256, 192), (88, 112, 3)
 def api_prompt(name: str, ckpt_name: str, photo: str) -> dict:
     """The workflow ``name`` (an id of tools/make_workflows.py) as the frontend would POST it, with the files set and
     the run shortened."""
-    repo = tiny.REPO
-    object_info = json.loads((repo / "tests" / "data" / "object_info.json").read_text())
     workflow = tiny.workflow(name)
-    prompt = ui_to_api(workflow, object_info)
+    prompt = ui_to_api(workflow, tiny.host_object_info())
     changes = {"CheckpointLoaderSimple": {"ckpt_name": ckpt_name}, "LoadImage": {"image": photo},
                "BasicScheduler": {"steps": STEPS}, "PSEditNullTextInversion": {"inner_iterations": INNER_ITERATIONS},
                "ImageScaleToTotalPixels": {"megapixels": MEGAPIXELS}}

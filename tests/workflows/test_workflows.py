@@ -1,6 +1,7 @@
-"""Every example workflow is valid against the node schemas (tests/data/object_info.json, checked against a live
-ComfyUI by tests/host/test_server.py), is what tools/make_workflows.py generates, and converts to an API-format
-prompt; its file name is the readable title the template browser shows. No ComfyUI needed.
+"""Every example workflow is valid against the node schemas of every supported ComfyUI version
+(tests/data/object_info/<version>.json, each checked against a live ComfyUI of that version by
+tests/host/test_server.py), is what tools/make_workflows.py generates, and converts to an API-format prompt for each
+version; its file name is the readable title the template browser shows. No ComfyUI needed.
 
 Workflows are named by their ids (tools/make_workflows.py's WORKFLOWS keys, e.g. psedit_edit_sd15); ``path_of`` there
 gives the file, ``example_workflows/<title>.json``."""
@@ -11,11 +12,13 @@ import json
 from pathlib import Path
 
 import pytest
-from ui_to_api import CONTROL, FRONTEND_ONLY, inputs_in_order, is_widget, ui_to_api, widget_slots
+import snapshots
+from ui_to_api import CONTROL, FRONTEND_ONLY, inputs_in_order, is_widget, ui_to_api, widget_slots, widget_values
 from validate import overlaps, validate
 
 REPO = Path(__file__).resolve().parents[2]
-OBJECT_INFO = json.loads((REPO / "tests" / "data" / "object_info.json").read_text())
+VERSIONS = snapshots.versions()
+OBJECT_INFO = snapshots.load(snapshots.oldest())  # what tools/make_workflows.py generates for
 _spec = importlib.util.spec_from_file_location("make_workflows", REPO / "tools" / "make_workflows.py")
 gen = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(gen)
@@ -79,9 +82,44 @@ def test_snapshot_has_every_psedit_node():
     assert PSEDIT_NODES <= {k for k in OBJECT_INFO if k.startswith("PSEdit")}
 
 
+def test_a_snapshot_per_supported_version():
+    """0.3.64 is the oldest ComfyUI supported, 0.33.0 today's (README, pyproject's requires-comfyui)."""
+    assert {"0.3.64", "0.33.0"} <= set(VERSIONS)
+    assert snapshots.oldest() == "0.3.64"
+
+
+@pytest.mark.parametrize("version", VERSIONS)
 @pytest.mark.parametrize("name", WORKFLOWS)
-def test_workflow_valid(name):
-    assert validate(load(name), OBJECT_INFO) == []
+def test_workflow_valid(name, version):
+    """Exact for the oldest version (the generator's); a newer one may have added widgets at the end of a node,
+    which the frontend fills with their defaults."""
+    assert validate(load(name), snapshots.load(version), fill_new=version != snapshots.oldest()) == []
+
+
+@pytest.mark.parametrize("version", VERSIONS)
+@pytest.mark.parametrize("name", WORKFLOWS)
+def test_only_new_widgets_are_filled(name, version):
+    """Every widget a newer version fills with its default is one the oldest version does not have: the workflows
+    carry a value for everything they can set."""
+    info, old = snapshots.load(version), snapshots.load(snapshots.oldest())
+    for node in load(name)["nodes"]:
+        if node["type"] in FRONTEND_ONLY:
+            continue
+        for slot, _spec, _value, filled in widget_values(node, info[node["type"]]):
+            if filled:
+                assert slot not in {n for n, _ in widget_slots(old[node["type"]])}, (name, node["type"], slot)
+
+
+def test_newer_widgets_are_filled_with_their_defaults():
+    """ComfyUI 0.33 added ImageScaleToTotalPixels.resolution_steps (default 1); the workflows' API twins for 0.33
+    carry it with its default, as the frontend sends it."""
+    info = snapshots.load("0.33.0")["ImageScaleToTotalPixels"]
+    prompt = ui_to_api(load("psedit_edit_sd15"), snapshots.load("0.33.0"))
+    scale = next(n for n in prompt.values() if n["class_type"] == "ImageScaleToTotalPixels")
+    assert scale["inputs"]["resolution_steps"] == info["input"]["required"]["resolution_steps"][1]["default"] == 1
+    old = ui_to_api(load("psedit_edit_sd15"), snapshots.load("0.3.64"))
+    assert "resolution_steps" not in next(n for n in old.values() if n["class_type"] == "ImageScaleToTotalPixels")[
+        "inputs"]
 
 
 @pytest.mark.parametrize("name", WORKFLOWS)
@@ -94,19 +132,21 @@ def test_workflows_are_what_the_generator_writes():
         assert build() == load(name), f"{gen.path_of(name).name} differs from tools/make_workflows.py: run it"
 
 
+@pytest.mark.parametrize("version", VERSIONS)
 @pytest.mark.parametrize("name", WORKFLOWS)
-def test_workflow_converts_to_api_prompt(name):
+def test_workflow_converts_to_api_prompt(name, version):
     wf = load(name)
-    prompt = ui_to_api(wf, OBJECT_INFO)
+    object_info = snapshots.load(version)
+    prompt = ui_to_api(wf, object_info)
     assert set(prompt) == {str(n["id"]) for n in wf["nodes"] if n["type"] not in FRONTEND_ONLY}
     for node_id, node in prompt.items():
-        info = OBJECT_INFO[node["class_type"]]
+        info = object_info[node["class_type"]]
         for name, spec, required in inputs_in_order(info):
             if required:
                 assert name in node["inputs"], (node_id, node["class_type"], name)
             if name in node["inputs"] and not is_widget(spec):
                 src, slot = node["inputs"][name]
-                assert OBJECT_INFO[prompt[src]["class_type"]]["output"][slot] == spec[0]
+                assert object_info[prompt[src]["class_type"]]["output"][slot] == spec[0]
         assert set(node["inputs"]) <= {n for n, _, _ in inputs_in_order(info)}
 
 
@@ -127,7 +167,8 @@ def test_edit_workflow_settings():
     assert source_of(wf, perceptual, "guider") is guider
     assert widgets(source_of(wf, perceptual, "window")) == {"start": 0.2, "end": 0.8}
     w = widgets(perceptual)
-    assert (w["lpips_net"], w["gradient"], w["decoder"], w["step"]) == ("vgg", "x0", "taesd", "normalized")
+    assert (w["lpips_net"], w["gradient"], w["decoder"], w["step"]) == (
+        "vgg", "x0", "taesd_decoder.safetensors", "normalized")
     assert 0.3 <= w["strength"] <= 3  # the range that acts on the toy world without holding the edit back
     run = node_of(wf, "SamplerCustomAdvanced")
     assert source_of(wf, run, "noise")["type"] == "DisableNoise"
@@ -205,19 +246,26 @@ ALLOWED_DOWNLOADS = ("https://huggingface.co/", "https://civitai.com/")  # the f
 @pytest.mark.parametrize("name", WORKFLOWS)
 def test_workflow_declares_its_model_files(name):
     """The frontend offers a download for a node's ``properties.models`` entry whose name is one of its widget
-    values, and for every workflow-level ``models`` entry; it accepts huggingface.co / civitai.com .safetensors."""
+    values (both frontends; ComfyUI 0.33's lists nothing else), and 0.3.64's for every workflow-level ``models``
+    entry; it accepts huggingface.co / civitai.com .safetensors. tests/host/test_frontend.py checks both
+    frontends."""
     wf = load(name)
     loader = node_of(wf, "CheckpointLoaderSimple")
     declared = loader["properties"]["models"]
     assert [m["name"] for m in declared] == [widgets(loader)["ckpt_name"]]
-    # The TAESD decoder exactly when a Perceptual Guidance decodes with it.
-    uses_taesd = any(widgets(n)["decoder"] == "taesd" for n in nodes_of(wf, "PSEditPerceptualGuidance"))
+    assert declared[0]["directory"] == "checkpoints"
+    # The TAESD decoder exactly when a Perceptual Guidance decodes with it: named in its decoder widget (the family's
+    # own file) and declared on that node, and at workflow level for the older frontend.
     taesd = f"{TAESD_OF[family_of(name)]}.safetensors"
-    assert [(m["name"], m["directory"]) for m in wf.get("models", [])] == [(taesd, "vae_approx")] * uses_taesd
+    guidance = nodes_of(wf, "PSEditPerceptualGuidance")
+    for node in guidance:
+        assert widgets(node)["decoder"] == taesd
+        assert [(m["name"], m["directory"]) for m in node["properties"]["models"]] == [(taesd, "vae_approx")]
+        declared = declared + node["properties"]["models"]
+    assert [(m["name"], m["directory"]) for m in wf.get("models", [])] == [(taesd, "vae_approx")] * bool(guidance)
     for m in declared + wf.get("models", []):
         assert m["url"].startswith(ALLOWED_DOWNLOADS) and m["name"].endswith(".safetensors"), m
         assert m["url"].split("?")[0].endswith("/" + m["name"]), m
-    assert declared[0]["directory"] == "checkpoints"
 
 
 @pytest.mark.parametrize("name", WORKFLOWS)

@@ -58,6 +58,33 @@ def widget_slots(info: dict) -> list[tuple[str, list]]:
     return slots
 
 
+def default_of(spec):
+    """The value the frontend gives a new widget: the schema's default, else the first option / zero / empty."""
+    opts = options_of(spec)
+    if isinstance(spec[0], list) or spec[0] == "COMBO":
+        options = spec[0] if isinstance(spec[0], list) else opts.get("options", [])
+        return opts.get("default", options[0] if options else "")
+    if "default" in opts:
+        return opts["default"]
+    return {"INT": 0, "FLOAT": 0.0, "STRING": "", "BOOLEAN": False}[spec[0]]
+
+
+def widget_values(node: dict, info: dict, fill_new: bool = True) -> list[tuple[str, list, object, bool]]:
+    """``(slot name, spec, value, filled)`` for each of ``info``'s widget slots, from the node's ``widgets_values``.
+
+    A workflow saved for an older ComfyUI lacks the values of widgets a newer one added at the end of a node (e.g.
+    ``ImageScaleToTotalPixels.resolution_steps`` in 0.33); the frontend fills them with their defaults
+    (``filled``), and so does this with ``fill_new``. Any other count mismatch raises ``ValueError``."""
+    values = list(node.get("widgets_values") or [])
+    slots = widget_slots(info)
+    missing = slots[len(values):]
+    if len(values) > len(slots) or (missing and not fill_new) or any(n in (UPLOAD, CONTROL) for n, _ in missing):
+        raise ValueError(f"node {node['id']} ({node['type']}): {len(values)} widget values for "
+                         f"{len(slots)} widget slots {[n for n, _ in slots]}")
+    out = [(name, spec, value, False) for (name, spec), value in zip(slots, values, strict=False)]
+    return out + [(name, spec, default_of(spec), True) for name, spec in missing]
+
+
 def _resolve(links: dict, nodes: dict, link_id: int) -> tuple[int, int] | None:
     """The real ``(node id, output slot)`` behind a link, following Reroute nodes."""
     seen = set()
@@ -73,7 +100,8 @@ def _resolve(links: dict, nodes: dict, link_id: int) -> tuple[int, int] | None:
 def ui_to_api(workflow: dict, object_info: dict) -> dict:
     """The API-format prompt (``{"<id>": {"class_type", "inputs"}}``) the frontend would POST for ``workflow``.
 
-    Widget values are mapped by the schema's input order (UI-only values dropped); linked inputs become
+    Widget values are mapped by the schema's input order (UI-only values dropped; widgets a newer ComfyUI added at
+    the end of a node get their defaults, as the frontend gives them, see :func:`widget_values`); linked inputs become
     ``["<source id>", slot]`` and override a widget of the same name (a widget converted to an input). Muted nodes
     are left out; bypassed nodes are not supported (the frontend rewires them).
     """
@@ -88,12 +116,7 @@ def ui_to_api(workflow: dict, object_info: dict) -> dict:
             raise NotImplementedError(f"node {node['id']} ({node['type']}) is bypassed: not supported")
         info = object_info[node["type"]]
         inputs = {}
-        values = list(node.get("widgets_values") or [])
-        slots = widget_slots(info)
-        if len(values) != len(slots):
-            raise ValueError(f"node {node['id']} ({node['type']}): {len(values)} widget values for "
-                             f"{len(slots)} widget slots {[n for n, _ in slots]}")
-        for (name, _spec), value in zip(slots, values, strict=True):
+        for name, _spec, value, _filled in widget_values(node, info):
             if name not in (UPLOAD, CONTROL):
                 inputs[name] = value
         for inp in node.get("inputs", []):

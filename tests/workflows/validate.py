@@ -17,13 +17,13 @@ from ui_to_api import (
     inputs_in_order,
     is_widget,
     options_of,
-    widget_slots,
+    widget_values,
 )
 
 NOTES = {"Note", "MarkdownNote"}
 # Combos whose options are the files on one machine: any file name is fine in a shared workflow.
 FILE_COMBOS = {("CheckpointLoaderSimple", "ckpt_name"), ("LoadImage", "image"), ("VAELoader", "vae_name"),
-               ("LoraLoader", "lora_name"), ("LoadImageMask", "image")}
+               ("LoraLoader", "lora_name"), ("LoadImageMask", "image"), ("PSEditPerceptualGuidance", "decoder")}
 TITLE_HEIGHT = 30  # LiteGraph draws a node's title bar above its pos
 
 
@@ -121,7 +121,7 @@ def _check_shape(node: dict, errors: list[str]) -> None:
         errors.append(f"{where}: widgets_values is not a list")
 
 
-def _check_node(node: dict, info: dict, errors: list[str]) -> None:
+def _check_node(node: dict, info: dict, errors: list[str], fill_new: bool) -> None:
     t, nid = node["type"], node["id"]
     if (node.get("properties") or {}).get("Node name for S&R") != t:
         errors.append(f"node {nid} ({t}): properties['Node name for S&R'] should be {t!r}")
@@ -132,20 +132,20 @@ def _check_node(node: dict, info: dict, errors: list[str]) -> None:
             errors.append(f"node {nid} ({t}): input {inp.get('name')!r} is not in the schema")
         elif not is_widget(spec) and inp.get("type") not in (spec[0], "*"):
             errors.append(f"node {nid} ({t}): input {inp['name']} has type {inp.get('type')}, schema says {spec[0]}")
-    outputs = node.get("outputs") or []
-    if [o.get("type") for o in outputs] != list(info["output"]):
-        errors.append(f"node {nid} ({t}): outputs {[o.get('type') for o in outputs]}, schema says {info['output']}")
+    outputs = [o.get("type") for o in node.get("outputs") or []]
+    added = fill_new and outputs == list(info["output"])[:len(outputs)]  # outputs a newer version appended
+    if outputs != list(info["output"]) and not added:
+        errors.append(f"node {nid} ({t}): outputs {outputs}, schema says {info['output']}")
     linked = {i["name"] for i in node.get("inputs") or [] if i.get("link") is not None}
     for name, spec, required in inputs_in_order(info):
         if required and not is_widget(spec) and name not in linked:
             errors.append(f"node {nid} ({t}): required input {name} is not connected")
-    slots = widget_slots(info)
-    values = node.get("widgets_values") or []
-    if len(values) != len(slots):
-        errors.append(f"node {nid} ({t}): {len(values)} widget values for {len(slots)} widgets "
-                      f"{[n for n, _ in slots]}")
+    try:
+        values = widget_values(node, info, fill_new=fill_new)
+    except ValueError as exc:
+        errors.append(str(exc))
         return
-    for (name, spec), value in zip(slots, values, strict=True):
+    for name, spec, value, _filled in values:
         if name == CONTROL:
             if value not in CONTROL_VALUES:
                 errors.append(f"node {nid} ({t}): control_after_generate value {value!r} is not one of "
@@ -159,8 +159,10 @@ def _check_node(node: dict, info: dict, errors: list[str]) -> None:
                 errors.append(f"node {nid}: {problem}")
 
 
-def validate(workflow: dict, object_info: dict) -> list[str]:
-    """Every problem found in a UI-format workflow, as readable strings (empty: valid)."""
+def validate(workflow: dict, object_info: dict, fill_new: bool = False) -> list[str]:
+    """Every problem found in a UI-format workflow, as readable strings (empty: valid). With ``fill_new``, widgets and
+    outputs a newer ComfyUI added at the end of a node may be missing (the frontend adds them, widgets with their
+    defaults; e.g. 0.33's SaveImage has an IMAGE output)."""
     errors = []
     if workflow.get("version") != 0.4:
         errors.append(f"version is {workflow.get('version')!r}, expected 0.4 (UI format)")
@@ -183,7 +185,7 @@ def validate(workflow: dict, object_info: dict) -> list[str]:
             errors.append(f"node {node['id']}: unknown node type {t}")
             continue
         has_output |= bool(info.get("output_node"))
-        _check_node(node, info, errors)
+        _check_node(node, info, errors, fill_new)
     if not has_output:
         errors.append("no output node (SaveImage, PreviewImage, ...): ComfyUI would refuse to run it")
     if not has_note:

@@ -1,0 +1,43 @@
+"""Always-run checks of what ComfyUI-Manager and ComfyUI read before any node runs: the supported ComfyUI versions
+(pyproject's ``requires-comfyui``, the pack's own check at import, the schema snapshots the tests use)."""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+
+import pytest
+import tomllib
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "tests" / "workflows"))
+
+import snapshots  # noqa: E402
+
+
+def load_entry():
+    """The pack's ``__init__.py`` as a plain module (outside ComfyUI it imports nothing of ComfyUI's)."""
+    spec = importlib.util.spec_from_file_location("psedit_entry", REPO / "__init__.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_supported_versions_agree():
+    entry = load_entry()
+    comfy = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["comfy"]
+    assert comfy["requires-comfyui"] == f">={entry.MIN_COMFYUI}"
+    assert snapshots.oldest() == entry.MIN_COMFYUI  # the oldest supported version is the one tested
+    assert f"ComfyUI {entry.MIN_COMFYUI}" in (REPO / "README.md").read_text()
+
+
+@pytest.mark.parametrize("version", ["0.3.64", "0.3.65", "0.4.0", "0.33.0", "0.37.1", "1.0.0"])
+def test_supported_comfyui_loads(version):
+    load_entry().check_comfyui(version)
+
+
+@pytest.mark.parametrize("version", ["0.3.63", "0.3.10", "0.2.7", None])
+def test_an_older_comfyui_is_told_which_version_is_needed(version):
+    with pytest.raises(ImportError, match=r"PSEdit needs ComfyUI 0\.3\.64 or later, this ComfyUI is .*update ComfyUI"):
+        load_entry().check_comfyui(version)
