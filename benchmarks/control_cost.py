@@ -7,7 +7,7 @@
    dtype of released checkpoints; the records take the model's dtype): per step the source pass keeps P2P's
    cross-attention probabilities ``[heads, N, 77]`` of every transformer layer and the queries and keys ``[N, C]`` of
    the self-attention layers it replaces (a quarter of the latent's side and below), or PnP's queries and keys of the
-   decoder layers from the feature block on and that block's input features. Records live for one step. Also the
+   decoder layers from the feature block on and that block's residual features. Records live for one step. Also the
    transient float32 maps the edit pass computes for one branch at the largest layer, and the trajectory (kept on
    the device in float32 for the sampling). The formula is checked against the bytes actually recorded on a tiny
    UNet (printed as "check").
@@ -57,8 +57,9 @@ def meta_unet(config: dict):
 
 
 def layer_shapes(unet, latent: tuple[int, int]) -> list[dict]:
-    """Every transformer layer (``block``, ``number``, tokens N, width C, heads) and every output block's input
-    (``features``: channels x N) at a latent of ``latent`` = (h, w), by walking the blocks as the forward pass does."""
+    """Every transformer layer (``block``, ``number``, tokens N, width C, heads) and every output block's ResBlock
+    residual output (``features``: its output channels x N, what Feature Injection records) at a latent of
+    ``latent`` = (h, w), by walking the blocks as the forward pass does."""
     from comfy.ldm.modules.diffusionmodules.openaimodel import Downsample, ResBlock, Upsample
 
     h, w = latent
@@ -78,7 +79,7 @@ def layer_shapes(unet, latent: tuple[int, int]) -> list[dict]:
     transformers(unet.middle_block, "middle", 0)
     for i, block in enumerate(unet.output_blocks):
         res = next(m for m in block if isinstance(m, ResBlock))
-        out.append(dict(block="features", number=i, tokens=h * w, width=res.channels, heads=0))
+        out.append(dict(block="features", number=i, tokens=h * w, width=res.out_channels, heads=0))
         transformers(block, "output", i)
         if any(isinstance(m, Upsample) for m in block.modules()):
             h, w = h * 2, w * 2
@@ -88,7 +89,7 @@ def layer_shapes(unet, latent: tuple[int, int]) -> list[dict]:
 def record_bytes(layers: list[dict], latent_tokens: int, kind: str, feature_block: int, itemsize: int = FP16,
                  tokens: int = TOKENS) -> dict:
     """Bytes recorded per step and image: P2P (cross maps everywhere, q/k where self-attention is replaced) or PnP
-    (q/k of the decoder layers from ``feature_block``, that block's input features)."""
+    (q/k of the decoder layers from ``feature_block``, that block's residual features)."""
     attn = [x for x in layers if x["block"] != "features"]
     if kind == "p2p":
         cross = sum(x["heads"] * x["tokens"] * tokens for x in attn) * itemsize
@@ -140,18 +141,22 @@ class World:
                                                       "negative-prompt", 0, 1e-5, 0.01).result[0]
 
     def controlled(self, kind: str, on: bool = True):
-        from psedit_pack.nodes.control import Controller, Plan, Window, default_feature_block
-        from psedit_pack.psedit_core.attention import Alignment
+        from psedit_pack.nodes.control import Controller
+        from psedit_pack.nodes.p2p import P2P
+        from psedit_pack.nodes.pnp import PnP, PnPController
+        from psedit_pack.psedit_core.p2p import Alignment
+        from psedit_pack.psedit_core.pnp import default_feature_block
 
-        full, off = Window(0.0, 1.0), Window(0.0, 0.0)
-        window = full if on else off
+        window = (0.0, 1.0) if on else (0.0, 0.0)
         if kind == "p2p":
-            plan = Plan("p2p", alignment=Alignment.identity(self.edit[0][0].shape[1]), cross=window, self_attn=window)
+            algorithm = P2P(Alignment.identity(self.edit[0][0].shape[1]), self.edit, "", cross=window,
+                            self_window=window)
+            controller = Controller(algorithm, self.payload, self.source, dtype=self.model.model_dtype())
         else:
-            fb = default_feature_block(self.model)
-            blocks = frozenset(range(fb, len(self.model.model.diffusion_model.output_blocks)))
-            plan = Plan("pnp", feature=window, feature_block=fb, attn=window, attn_blocks=blocks)
-        controller = Controller(plan, self.payload, self.source, self.edit, dtype=self.model.model_dtype())
+            blocks = self.model.model.diffusion_model.output_blocks
+            fb = default_feature_block([any(hasattr(m, "transformer_blocks") for m in b.modules()) for b in blocks])
+            algorithm = PnP(window, fb, window, frozenset(range(fb, len(blocks))))
+            controller = PnPController(algorithm, self.payload, self.source, dtype=self.model.model_dtype())
         return controller, controller.install(self.model)
 
     def sample(self, model):
@@ -185,15 +190,17 @@ def measured_records(world: World, kind: str) -> int:
 
 
 def check_formula(world: World) -> list[dict]:
-    from psedit_pack.nodes.control import default_feature_block
+    from psedit_pack.psedit_core.pnp import default_feature_block
 
     unet = world.model.model.diffusion_model
+    feature_block = default_feature_block([any(hasattr(m, "transformer_blocks") for m in b.modules())
+                                           for b in unet.output_blocks])
     latent = tuple(world.inverted["samples"].shape[-2:])
     layers = layer_shapes(unet, latent)
     itemsize = world.model.model_dtype().itemsize
     out = []
     for kind in ("p2p", "pnp"):
-        want = record_bytes(layers, latent[0] * latent[1], kind, default_feature_block(world.model), itemsize,
+        want = record_bytes(layers, latent[0] * latent[1], kind, feature_block, itemsize,
                             tokens=world.edit[0][0].shape[1])["total"]
         out.append({"kind": kind, "formula": want, "recorded": measured_records(world, kind)})
     return out

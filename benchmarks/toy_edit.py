@@ -51,7 +51,10 @@ LATENT_STRENGTHS = (0.03, 0.1, 0.3)  # target "latent": the latent moves this fa
 
 
 def run_row(world, inv, edit, config, s, metrics, src, masks, extra_seconds, target="x0"):
+    from psedit_toy import control_rows as CR
+
     t = time.perf_counter()
+    inv = CR.inversion_for(config, world, inv, s)
     g = row_guider(config, world, inv, edit, s, masks, target)
     img = R.sample(world, inv, g)
     row = metrics.row(edit, src, img)

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 from comfy_api.latest import ComfyExtension, io
 
-from .control import AttentionControlNode, FeatureInjectionNode
 from .flux import FluxGuiderNode
 from .guidance import PerceptualGuidanceNode, StepWindowNode, TripleGuiderNode
 from .inversion import DDIMInvert, InvertedNoiseNode
 from .masks import EditMask
 from .nulltext import NullTextInversion
+from .p2p import AttentionControlNode
+from .pnp import FeatureInjectionNode
 
 NODES: list[type[io.ComfyNode]] = [
     DDIMInvert, NullTextInversion, TripleGuiderNode, PerceptualGuidanceNode, StepWindowNode, EditMask,

@@ -253,7 +253,48 @@ def run_on_trajectory(model, payload, positive, negative, cfg: float, fn):
     return store
 
 
+# --- sampling hooks (ComfyUI's documented extension points, one place) ------------------------------------------------
+
+def add_wrapper(patcher, kind: str, key: str, fn) -> None:
+    """Register ``fn(executor, *args, **kwargs)`` as a ``patcher_extension`` wrapper of ``kind`` (OUTER_SAMPLE,
+    PREDICT_NOISE, APPLY_MODEL, ...) on a ModelPatcher, under ``key``."""
+    patcher.add_wrapper_with_key(getattr(comfy.patcher_extension.WrappersMP, kind), key, fn)
+
+
+def clone_options(model_options: dict) -> dict:
+    """A model-options dict a pass may change without touching the sampler's (ComfyUI's own clone)."""
+    import comfy.model_patcher
+
+    return comfy.model_patcher.create_model_options_clone(model_options)
+
+
+def calc_cond_batch(inner_model, conds: list, x: torch.Tensor, sigma: torch.Tensor, model_options: dict) -> list:
+    """The denoised predictions of each cond list, batched into as few model calls as ComfyUI batches them."""
+    import comfy.samplers
+
+    return comfy.samplers.calc_cond_batch(inner_model, conds, x, sigma, model_options)
+
+
+def prepared_cond(conditioning) -> list:
+    """A CONDITIONING as ``CFGGuider.conds`` holds it before ComfyUI prepares it for sampling."""
+    import comfy.sampler_helpers
+
+    return comfy.sampler_helpers.convert_cond(conditioning)
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int, extra: dict) -> torch.Tensor:
+    """ComfyUI's own attention for a replace patch's ``(q, k, v, extra_options)``."""
+    from comfy.ldm.modules.attention import optimized_attention
+
+    return optimized_attention(q, k, v, heads, attn_precision=extra.get("attn_precision"), transformer_options=extra)
+
+
 # --- progress and cancel -----------------------------------------------------------------------------------------
+
+def throw_if_interrupted() -> None:
+    """Stop here if the user pressed Cancel."""
+    comfy.model_management.throw_exception_if_processing_interrupted()
+
 
 class Progress:
     """A ComfyUI progress bar whose every step also honours the user's Cancel."""
@@ -423,10 +464,9 @@ def _frozen(tensor: torch.Tensor) -> torch.Tensor:
     ``.to`` of the same dtype copies nothing). Autograd would save either for backward, so those are copied here;
     a fresh copy (no base, not an inference tensor) and any weight of a forward without gradients are handed on
     as they are."""
+    shared = tensor.is_inference() or tensor._base is not None  # (a detached view no longer names its base)
     out = tensor.detach()
-    if torch.is_grad_enabled() and (out.is_inference() or out._base is not None):
-        out = out.clone()
-    return out
+    return out.clone() if shared and torch.is_grad_enabled() else out
 
 
 def _fresh_skip(h: torch.Tensor, transformer_options: dict) -> torch.Tensor:
@@ -451,7 +491,8 @@ def _grad_memory(patcher):
     copies = weight_bytes(model.diffusion_model, compute)
 
     def memory_required(input_shape, *args, **kwargs):
-        return GRAD_ACTIVATION_FACTOR * base(input_shape, *args, **kwargs) + copies
+        known = {k: v for k, v in kwargs.items() if _accepts(base, k)}  # a newer caller's extras the model lacks
+        return GRAD_ACTIVATION_FACTOR * base(input_shape, *args, **known) + copies
 
     return memory_required
 

@@ -7,9 +7,12 @@ features 0-0.8, PnP self-attention 0-0.5):
 - ``p2p_replace`` / ``p2p_refine``: P2P (word swap / aligned tokens) with a local blend on the swapped words, CFG
   7.5 on the edit caption (the Triple Guider with beta = gamma): the paper's "Null-text" baseline, null-text
   inversion + P2P;
-- ``pnp``: Plug-and-Play feature and self-attention injection, CFG 7.5 on the edit caption;
-- ``<row>+perceptual``: the ``perceptual_x0`` row (triple guidance in 0-0.4, Perceptual Guidance x0 in 0.2-0.8) on
-  that MODEL; the P2P rows give Perceptual Guidance the local blend's MASK;
+- ``pnp``: Plug-and-Play as its code does it: the photo inverted with the empty prompt (its own inversion, not the
+  shared one), the source pass with the empty prompt, residual-feature and self-attention injection, CFG 7.5 on the
+  edit caption against the empty prompt;
+- ``<row>+perceptual``: the P2P rows: the ``perceptual_x0`` row (triple guidance in 0-0.4, Perceptual Guidance x0 in
+  0.2-0.8) on that MODEL, Perceptual Guidance given the local blend's MASK; ``pnp+perceptual``: the ``pnp`` row's
+  CFG wrapped by Perceptual Guidance x0 in 0.2-0.8;
 - ``<row>_noblend``: a P2P row without the local blend (not in the default set).
 """
 
@@ -32,34 +35,65 @@ def swapped_words(edit: E.Edit) -> list[str]:
     return [a for a, _ in pairs] + [b for _, b in pairs]
 
 
+_EMPTY_INVERSIONS: dict = {}
+
+
+def inversion_for(config: str, world, inv, s: pipeline.Settings):
+    """The inversion a row samples: Plug-and-Play rows invert the photo with the empty prompt, as its code does
+    (cached per photo, with no null-text schedule: PnP samples plain CFG); every other row shares ``inv``."""
+    from . import run as R
+
+    if not config.split("+")[0].startswith("pnp"):
+        return inv
+    key = id(inv)
+    if key not in _EMPTY_INVERSIONS:
+        rgb = (inv.image[0] * 255).round().to(torch.uint8).numpy()
+        empty = R.invert(world, rgb, "", "", s, methods=())
+        _EMPTY_INVERSIONS.clear()  # one photo at a time
+        _EMPTY_INVERSIONS[key] = empty
+    return _EMPTY_INVERSIONS[key]
+
+
 def controlled_model(config: str, world, inv, edit: E.Edit):
-    """``(MODEL, MASK or None)`` from the control node of ``config``."""
-    n = pipeline.nodes().control
+    """``(MODEL, MASK or None)`` from the control node of ``config``, with its defaults (P2P: the reference's, the
+    local blend on the swapped words unless ``_noblend``)."""
+    n = pipeline.nodes()
     base = config.split("+")[0]
     with torch.inference_mode():
         if base == "pnp":
-            return n.FeatureInjectionNode.execute(world.model, inv.payload, world.clip, edit.source_caption,
-                                                  0.0, 0.8, 0.0, 0.5).result[0], None
+            return n.pnp.FeatureInjectionNode.execute(world.model, inv.payload, world.clip, "",
+                                                      0.0, 0.8, 0.0, 0.5).result[0], None
         if not base.startswith("p2p_"):
             raise ValueError(f"unknown control configuration {config!r}: use one of {', '.join(CONTROL_CONFIGS)}")
         mode = base[len("p2p_"):].replace("_noblend", "")
         words = "" if base.endswith("_noblend") else ", ".join(swapped_words(edit))
-        model, mask = n.AttentionControlNode.execute(world.model, inv.payload, world.clip, edit.source_caption,
-                                                     edit.edit_caption, mode, 0.0, 0.8, 0.0, 0.4,
-                                                     blend_words=words).result
+        model, mask = n.p2p.AttentionControlNode.execute(world.model, inv.payload, world.clip, edit.source_caption,
+                                                         edit.edit_caption, mode, 0.0, 0.8, 0.0, 0.4,
+                                                         blend_words=words).result
         return model, (mask if words else None)
 
 
 def guider(config: str, world, inv, edit: E.Edit, s: pipeline.Settings, target: str = "x0"):
     """The GUIDER of one control row (module docstring)."""
+    import comfy.samplers
+
     g = pipeline.nodes().guidance
     model, mask = controlled_model(config, world, inv, edit)
-    p = inv.prepared("null-text")
+    pnp = config.startswith("pnp")
+    p = inv.prepared(None if pnp else "null-text")
     with torch.inference_mode():
-        if "+perceptual" not in config:
+        if pnp:  # the reference's CFG: the edit caption against the empty prompt
+            inner = comfy.samplers.CFGGuider(model)
+            inner.set_conds(world.encode(edit.edit_caption), p.null)
+            inner.set_cfg(s.gamma)
+        elif "+perceptual" not in config:
             return g.TripleGuiderNode.execute(model, p.null, p.source, p.edit, s.gamma, s.gamma, None, p.schedule)[0]
-        window = g.StepWindowNode.execute(*s.text_window)[0]
-        triple = g.TripleGuiderNode.execute(model, p.null, p.source, p.edit, s.gamma, s.beta, window, p.schedule)[0]
+        else:
+            window = g.StepWindowNode.execute(*s.text_window)[0]
+            inner = g.TripleGuiderNode.execute(model, p.null, p.source, p.edit, s.gamma, s.beta, window,
+                                               p.schedule)[0]
+        if "+perceptual" not in config:
+            return inner
         pwindow = g.StepWindowNode.execute(*s.perceptual_window)[0]
-        return g.PerceptualGuidanceNode.execute(triple, world.vae, p.image, s.strength, s.lpips_net, "x0", s.decoder,
+        return g.PerceptualGuidanceNode.execute(inner, world.vae, p.image, s.strength, s.lpips_net, "x0", s.decoder,
                                                 "normalized", window=pwindow, mask=mask, target=target)[0]

@@ -241,11 +241,11 @@ class Graph:
 # --- building blocks --------------------------------------------------------------------------------------------------
 
 def loaders(g: Graph, family: str, photo: str, steps: int = STEPS, nulltext: bool = True,
-            captions: bool = False) -> dict:
+            captions: bool = False, invert_with: str = "source") -> dict:
     """Columns 0-2: checkpoint, photo scaled to the model's size, three captions, VAE encode, sigmas, DDIM
-    inversion, null-text inversion (``nulltext``). ``captions``: the source and edit captions are typed once, in two
-    String nodes (column 0) that feed their CLIPTextEncode and, by the caller, the attention/feature control nodes,
-    which must see the same texts."""
+    inversion (with the ``invert_with`` caption), null-text inversion (``nulltext``). ``captions``: the source and
+    edit captions are typed once, in two String nodes (column 0) that feed their CLIPTextEncode and, by the caller,
+    the attention control node, which must see the same texts."""
     ckpt = CHECKPOINTS[family]
     ckpt_node = g.add("CheckpointLoaderSimple", 0, 0, {"ckpt_name": ckpt["name"]}, width=340, models=[ckpt])
     loaded = g.add("LoadImage", 0, 0, {"image": photo}, title="Load Image (your photo)", width=340, height=380)
@@ -256,9 +256,12 @@ def loaders(g: Graph, family: str, photo: str, steps: int = STEPS, nulltext: boo
     g.link(image, "IMAGE", encode, "pixels")
     g.link(ckpt_node, "VAE", encode, "vae")
     texts, strings = {}, {}
+    needs_source = invert_with == "source" or nulltext or captions  # Plug-and-Play's graph has none
     for name, text, title in (("null", "", "null caption (leave empty)"),
                               ("source", SOURCE, "source caption: what the photo shows"),
                               ("edit", EDIT, "edit caption: what it should show")):
+        if name == "source" and not needs_source:
+            continue
         if captions and name != "null":
             strings[name] = g.add("PrimitiveStringMultiline", 0, 0, {"value": text}, title=title, width=340,
                                   height=110)
@@ -273,7 +276,7 @@ def loaders(g: Graph, family: str, photo: str, steps: int = STEPS, nulltext: boo
     g.link(ckpt_node, "MODEL", invert, "model")
     g.link(encode, "LATENT", invert, "latent")
     g.link(sched, "SIGMAS", invert, "sigmas")
-    g.link(texts["source"], "CONDITIONING", invert, "source")
+    g.link(texts[invert_with], "CONDITIONING", invert, "source")
     nti = None
     if nulltext:
         nti = g.add("PSEditNullTextInversion", 2, 0,
@@ -399,8 +402,8 @@ def knobs_note(taesd: str) -> str:
         "(the paper's first 20 of 50); plain CFG on the edit caption after that.\n"
         f"- Perceptual Guidance strength {PERCEPTUAL_STRENGTH} (0.3-3; 0 = off; larger keeps more of the photo) "
         "pulls the result toward "
-        f"the photo by LPIPS in its window ({PERCEPTUAL_WINDOW[0]}-{PERCEPTUAL_WINDOW[1]}). decoder 'taesd' needs "
-        f"{taesd}_decoder.safetensors in models/vae_approx (offered when the workflow loads; or choose 'vae': "
+        f"the photo by LPIPS in its window ({PERCEPTUAL_WINDOW[0]}-{PERCEPTUAL_WINDOW[1]}). Its decoder, "
+        f"{taesd}_decoder.safetensors, goes in models/vae_approx (offered when the workflow loads; or choose 'vae': "
         "exact, much slower). The LPIPS trunk (e.g. vgg16-397923af.pth) is downloaded once by torchvision, or put "
         "it in models/lpips offline (see the README)."
     )
@@ -509,25 +512,27 @@ def control_setup_note(kind: str) -> str:
                 "its cross-attention maps (and early self-attention) to the edit caption's branch: the layout stays "
                 "the photo's, the swapped words change."),
         "pnp": ("Plug-and-Play (SD1.5): feature injection on the inverted photo (Tumanyan et al. 2023)",
-                "DDIM Invert turns the photo into the starting latent and its trajectory. Each step, Feature "
-                "Injection runs the model on that trajectory with the source caption (one extra model call) and hands "
-                "its decoder features and self-attention to every branch of the guider: the structure stays the "
-                "photo's, the edit caption sets the appearance. No null-text inversion: Plug-and-Play samples with "
-                "plain CFG."),
+                "DDIM Invert turns the photo into the starting latent and its trajectory (with the empty prompt, as "
+                "Plug-and-Play's code inverts). Each step, Feature Injection runs the model on that trajectory (one "
+                "extra model call) and hands a decoder block's residual features and the later decoder layers' "
+                "self-attention to every branch of the guider: the structure stays the photo's, the edit caption sets "
+                "the appearance. No null-text inversion: Plug-and-Play samples with plain CFG."),
     }[kind]
+    step3 = (
+        "3. Type the source caption (what the photo shows) and the edit caption (what it should show) in the two "
+        "String nodes at left: they feed the text encoders and the Attention Control node, which must see the same "
+        "texts. mode 'replace' needs the same number of words (\"cat\" -> \"tiger\"); use 'refine' to add or remove "
+        "words. Leave the null caption empty.\n" if kind == "p2p" else
+        "3. Type the edit caption (what the photo should show). Plug-and-Play needs no source caption: the photo is "
+        "inverted and the source pass run with the empty prompt (leave the null caption empty); a caption in Feature "
+        "Injection's source_caption is PSEdit's variant, which holds the structure harder.\n")
     return (
         f"PSEdit {title}.\n\n"
         f"1. Load Checkpoint: an SD1.5 checkpoint (the missing-models dialog offers {CHECKPOINTS['sd15']['name']}"
         + (" and the TAESD decoder the perceptual guidance uses).\n" if kind == "p2p" else ").\n")
         + "2. Load Image: your photo, any size: 'photo at the model's size' scales it to about 512x512 pixels' worth, "
         "keeping its aspect; VAE Encode then crops each side to a multiple of 8.\n"
-        "3. Type the source caption (what the photo shows) and the edit caption (what it should show) in the two "
-        "String nodes at left: they feed the text encoders and the "
-        + ("Attention Control node, which must see the same texts. mode 'replace' needs the same number of words "
-           "(\"cat\" -> \"tiger\"); use 'refine' to add or remove words. " if kind == "p2p" else
-           "Feature Injection node's source pass. ")
-        + "Leave the null caption empty.\n"
-        f"4. Queue. {what} Keep the same BasicScheduler SIGMAS for inversion and sampling."
+        + step3 + f"4. Queue. {what} Keep the same BasicScheduler SIGMAS for inversion and sampling."
     )
 
 
@@ -548,7 +553,7 @@ def p2p_knobs_note() -> str:
         "Inversion's guidance.\n"
         f"- Perceptual Guidance (optional) strength {PERCEPTUAL_STRENGTH} (0 = off; or bypass the node, "
         "Ctrl+B) pulls the result toward the photo by LPIPS in its window "
-        f"({PERCEPTUAL_WINDOW[0]}-{PERCEPTUAL_WINDOW[1]}). decoder 'taesd' needs taesd_decoder.safetensors in "
+        f"({PERCEPTUAL_WINDOW[0]}-{PERCEPTUAL_WINDOW[1]}). Its decoder, taesd_decoder.safetensors, goes in "
         "models/vae_approx (offered when the workflow loads); the LPIPS trunk is downloaded once by torchvision, "
         "or put it in models/lpips offline (see the README)."
     )
@@ -587,17 +592,17 @@ def p2p_workflow() -> dict:
 
 
 def pnp_workflow() -> dict:
-    """DDIM inversion + Plug-and-Play feature injection, sampled with the stock CFGGuider on the edit caption."""
+    """DDIM inversion with the empty prompt + Plug-and-Play feature injection with the empty prompt's source pass (the
+    reference's), sampled with the stock CFGGuider on the edit caption."""
     g = Graph()
-    s = loaders(g, "sd15", "example.png", nulltext=False, captions=True)
+    s = loaders(g, "sd15", "example.png", nulltext=False, invert_with="null")
     g.note(control_setup_note("pnp"), 0, -400, width=760, height=340)
     inject = g.add("PSEditFeatureInjection", 3, 0,
-                   {"source_caption": SOURCE, "feature_start": PNP_FEATURE[0], "feature_end": PNP_FEATURE[1],
-                    "attn_start": PNP_ATTN[0], "attn_end": PNP_ATTN[1]}, width=340)
+                   {"source_caption": "", "feature_start": PNP_FEATURE[0], "feature_end": PNP_FEATURE[1],
+                    "attn_start": PNP_ATTN[0], "attn_end": PNP_ATTN[1]}, width=340, height=330)
     g.link(s["ckpt"], "MODEL", inject, "model")
     g.link(s["invert"], "inversion", inject, "inversion")
     g.link(s["ckpt"], "CLIP", inject, "clip")
-    g.link(s["source_text"], "STRING", inject, "source_caption")
     guider = g.add("CFGGuider", 3, 0, {"cfg": GAMMA}, title="CFGGuider (edit caption vs empty null)", width=340)
     g.link(inject, "model", guider, "model")
     g.link(s["edit"], "CONDITIONING", guider, "positive")
@@ -685,8 +690,8 @@ def flow_knobs_note(family: str) -> str:
         "the edit caption alone (" + ("plain Flux" if family == "flux" else "plain CFG") + ") after that.\n"
         f"- Perceptual Guidance strength {PERCEPTUAL_STRENGTH} (0.3-3; 0 = off; larger keeps more of the photo) "
         "pulls the result toward "
-        f"the photo by LPIPS in its window ({PERCEPTUAL_WINDOW[0]}-{PERCEPTUAL_WINDOW[1]}). decoder 'taesd' needs "
-        f"{TAESD[family]['name']} in models/vae_approx (offered when the workflow loads; or choose 'vae': exact, "
+        f"the photo by LPIPS in its window ({PERCEPTUAL_WINDOW[0]}-{PERCEPTUAL_WINDOW[1]}). Its decoder, "
+        f"{TAESD[family]['name']}, goes in models/vae_approx (offered when the workflow loads; or choose 'vae': exact, "
         "much slower). The LPIPS trunk (e.g. vgg16-397923af.pth) is downloaded once by torchvision, or put it in "
         "models/lpips offline (see the README)."
     )

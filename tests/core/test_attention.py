@@ -1,6 +1,8 @@
-"""Prompt-to-Prompt / Plug-and-Play rules (psedit_core.attention) against references written out here: one attention
-layer ``softmax(Q K^T / sqrt(d)) V`` per head with the injected maps, token alignment for swaps, insertions and
-deletions, local blend on synthetic maps, and the trajectory's implied step."""
+"""Prompt-to-Prompt / Plug-and-Play rules (psedit_core.attention, psedit_core.p2p, psedit_core.pnp) against
+references written out here from the reference code's semantics: one attention layer ``softmax(Q K^T / sqrt(d)) V``
+per head with the injected maps, token alignment for swaps (the reference's ``get_replacement_mapper_``), insertions
+and deletions, per-word windows, window counting, local blend on synthetic maps and on a latent, and the
+trajectory's implied step."""
 
 from __future__ import annotations
 
@@ -10,25 +12,31 @@ import pytest
 import torch
 
 from psedit_core.attention import (
-    Alignment,
     attention_output,
     attention_probs,
+    blend_start_step,
+    cross_steps,
+    replace_chunks,
+    source_attention_output,
+    trajectory_point,
+    truncated_steps,
+)
+from psedit_core.p2p import (
+    Alignment,
     blend_map,
-    blend_prediction,
-    blend_resolution,
+    blend_tokens,
+    blended_prediction,
     edit_cross_attention,
     equalizer,
     global_align,
     local_blend_mask,
     refine_alignment,
-    replace_chunks,
     replace_mapper,
     self_replace_layer,
-    source_attention_output,
-    trajectory_point,
-    window_steps,
     word_positions,
+    words_alpha,
 )
+from psedit_core.pnp import default_feature_block
 
 HEADS, D, N, T = 2, 4, 6, 8
 BOS, EOS = 100, 101
@@ -91,19 +99,65 @@ def test_replace_mapper_for_a_one_token_swap_is_the_identity_on_positions():
     assert torch.equal(m, torch.eye(T + 4))
 
 
-def test_replace_mapper_spreads_a_word_over_more_tokens_and_shifts_the_rest():
+def ref_replacement_mapper(words_x, words_y, max_len):
+    """The reference's ``get_replacement_mapper_`` written out on word token lists: swapped words (differing) map
+    source tokens onto edit tokens (spread 1/n_e when their counts differ); between swaps positions advance in step;
+    once no swap is left, ``mapper[j, j] = 1`` for every remaining position."""
+    def inds(words, k):
+        start = 1 + sum(len(w) for w in words[:k])
+        return list(range(start, start + len(words[k])))
+
+    swaps = [k for k in range(len(words_y)) if tuple(words_y[k]) != tuple(words_x[k])]
+    src, tgt = [inds(words_x, k) for k in swaps], [inds(words_y, k) for k in swaps]
+    mapper = torch.zeros(max_len, max_len)
+    i = j = cur = 0
+    while i < max_len and j < max_len:
+        if cur < len(src) and src[cur][0] == i:
+            if len(src[cur]) == len(tgt[cur]):
+                mapper[src[cur], tgt[cur]] = 1
+            else:
+                for t in tgt[cur]:
+                    mapper[src[cur], t] = 1 / len(tgt[cur])
+            i, j = i + len(src[cur]), j + len(tgt[cur])
+            cur += 1
+        elif cur < len(src):
+            mapper[i, j] = 1
+            i, j = i + 1, j + 1
+        else:
+            mapper[j, j] = 1
+            i, j = i + 1, j + 1
+    return mapper
+
+
+CAPTION_PAIRS = [  # word token lists: one-token swap, a word of 2 tokens, 2 -> 1, two swaps, none
+    ([(1,), (2,), (3,)], [(1,), (9,), (3,)]),
+    ([(1,), (2,), (3,)], [(1,), (7, 8), (3,)]),
+    ([(7, 8), (3,)], [(2,), (3,)]),
+    ([(1,), (2,), (3,), (4,), (5,)], [(1,), (7, 8), (3,), (6,), (5,)]),
+    ([(1,), (2,)], [(1,), (2,)]),
+]
+
+
+@pytest.mark.parametrize("words", CAPTION_PAIRS)
+def test_replace_mapper_is_the_references(words):
+    assert torch.equal(replace_mapper(*words, 12), ref_replacement_mapper(*words, 12))
+
+
+def test_replace_mapper_spreads_a_word_over_more_tokens_then_maps_by_position():
     # "a cat sits" -> "a hedge hog sits" (one word of 2 tokens): source token 2 -> edit tokens 2 and 3 at 1/2 each
     m = replace_mapper([(1,), (2,), (3,)], [(1,), (7, 8), (3,)], 8)
     expected = torch.zeros(8, 8)
     expected[0, 0] = expected[1, 1] = 1.0  # start token, "a"
     expected[2, 2] = expected[2, 3] = 0.5  # cat -> hedge, hog
-    expected[3, 4] = 1.0  # sits, one later
-    for i in range(4, 7):  # end token and padding shifted; the last source token has no edit position left
-        expected[i, i + 1] = 1.0
+    for i in range(4, 8):  # the reference: after the swap, edit token j reads source token j ("sits" reads "</s>")
+        expected[i, i] = 1.0
     assert torch.equal(m, expected)
+    shifted = replace_mapper([(1,), (2,), (3,)], [(1,), (7, 8), (3,)], 8, tail="shifted")  # PSEdit's
+    assert shifted[3, 4] == 1.0 and shifted[4, 5] == 1.0 and shifted[4, 4] == 0.0  # "sits" reads "sits"
+    assert torch.equal(shifted[:, :4], m[:, :4])
     # two source tokens -> one edit token: the edit token collects both (mass kept)
     m2 = replace_mapper([(7, 8)], [(2,)], 6)
-    assert m2[1, 1] == 1.0 and m2[2, 1] == 1.0 and m2[3, 2] == 1.0
+    assert m2[1, 1] == 1.0 and m2[2, 1] == 1.0 and m2[2, 2] == 1.0 and m2[3, 3] == 1.0
 
 
 def test_replace_rejects_captions_whose_word_counts_differ():
@@ -248,11 +302,11 @@ def test_local_blend_mask_on_synthetic_maps():
     assert local_blend_mask(torch.zeros(1, 4, 4), (8, 8)).sum() == 0
 
 
-def test_blend_resolution_is_a_quarter_of_the_side():
-    assert blend_resolution([4096, 1024, 256, 64], 4096) == 256  # SD1.5 512 px: 16x16
-    assert blend_resolution([16384, 4096, 1024], 16384) == 1024  # SDXL 1024 px: 32x32
-    assert blend_resolution([256, 64, 16], 256) == 64  # 16x16 latent: 8x8, not the 4x4 a quarter would give
-    assert blend_resolution([16, 4], 1024) == 16 and blend_resolution([16, 4], 64) == 4  # none as fine as 8x8
+def test_blend_reads_the_references_16x16_maps_or_the_nearest():
+    assert blend_tokens([4096, 1024, 256]) == 256  # SD1.5 512 px: 16x16, the reference's
+    assert blend_tokens([4096, 1024]) == 1024  # SDXL 1024 px (no 16x16 maps outside the middle): 32x32
+    assert blend_tokens([64, 16]) == 64  # the toy model's 16x16 latent: 8x8
+    assert blend_tokens([1024, 64]) == 1024  # a tie in log scale: the finer
     assert self_replace_layer(256, 4096) and self_replace_layer(64, 4096) and not self_replace_layer(1024, 4096)
 
 
@@ -280,26 +334,73 @@ def test_trajectory_point_on_and_between_levels():
         trajectory_point(latents, sigmas, 5.0)
 
 
-def test_blend_keeps_the_trajectory_outside_the_mask():
+def test_blend_puts_the_latent_where_the_reference_puts_it():
+    """An Euler / DDIM step from the blended prediction lands on ``x_src + mask (x_edit - x_src)``, the latent the
+    reference's LocalBlend makes after the step, for any current latent (off the trajectory too) and any mask."""
     latents, sigmas = trajectory()
     mask = torch.zeros(1, 1, 3, 3)
     mask[..., 1:, 1:] = 1
-    x = latents[0].float().clone()
-    x[..., 1:, 1:] += 0.7  # the edit has moved the inside
+    x = latents[0].float().clone() + 0.3 * rand(1, 2, 3, 3, seed=7).float()  # drifted off the trajectory everywhere
     for i in range(3):
         s, s_next = float(sigmas[i]), float(sigmas[i + 1])
-        _, ref0 = trajectory_point(latents, sigmas, s)
         edit0 = rand(1, 2, 3, 3, seed=40 + i).float()
-        d = blend_prediction(edit0, ref0, mask)
-        assert torch.equal(d[..., 1:, 1:], edit0[..., 1:, 1:])
+        plain = x + (s_next - s) * (x - edit0) / s  # the edit branch's own step
+        reference = latents[i + 1].float() + mask * (plain - latents[i + 1].float())
+        d = blended_prediction(edit0, x, latents[i + 1].float(), s, s_next, mask)
         x = x + (s_next - s) * (x - d) / s
-        assert torch.allclose(x[..., :1, :], latents[i + 1][..., :1, :].float(), atol=1e-5)
-        assert torch.allclose(x[..., :, :1], latents[i + 1][..., :, :1].float(), atol=1e-5)
+        assert torch.allclose(x, reference, atol=1e-5)
+    assert torch.allclose(x[..., :1, :], latents[3][..., :1, :].float(), atol=1e-6)
 
 
-def test_windows_are_fractions_and_may_be_empty():
-    assert window_steps(0.0, 0.8, 50) == range(0, 40)
-    assert window_steps(0.2, 0.2, 50) == range(10, 10) and len(window_steps(0.0, 0.0, 10)) == 0
-    assert window_steps(0.0, 1.0, 7) == range(0, 7)
+def test_windows_count_as_the_reference():
+    """Cross-attention on n + 1 rows, ``int`` not ``round`` (``update_alpha_time_word``); self-attention, the blend's
+    start and Plug-and-Play on n."""
+    for n in range(1, 51):
+        assert cross_steps(0.0, 0.8, n) == range(0, min(int(0.8 * (n + 1)), n))
+        assert truncated_steps(0.0, 0.4, n) == range(0, int(0.4 * n))
+        assert blend_start_step(0.2, n) == int(0.2 * n)
+    assert cross_steps(0.0, 0.8, 50) == range(0, 40) and cross_steps(0.0, 0.8, 4) == range(0, 4)
+    assert truncated_steps(0.0, 0.8, 4) == range(0, 3)  # round would give 0..3 (one step more)
+    assert len(cross_steps(0.2, 0.2, 50)) == 0 and len(truncated_steps(0.0, 0.0, 10)) == 0
+    assert truncated_steps(0.0, 1.0, 7) == range(0, 7) and cross_steps(0.0, 1.0, 7) == range(0, 7)
     with pytest.raises(ValueError, match="start = end"):
-        window_steps(0.5, 0.4, 10)
+        truncated_steps(0.5, 0.4, 10)
+
+
+def test_per_word_windows_override_the_default():
+    """``get_time_words_attention_alpha`` with ``{"default_": 0.8, "tiger": 0.2}``: every token in steps
+    < int(0.8 (n + 1)), the tiger's tokens only in steps < int(0.2 (n + 1))."""
+    alpha = words_alpha(10, T, (0.0, 0.8), [([2, 3], (0.0, 0.2)), ([5], (0.5, 1.0))])
+    assert alpha.shape == (10, T)
+    assert alpha[:, 0].tolist() == [1.0] * 8 + [0.0] * 2
+    assert alpha[:, 2].tolist() == [1.0] * 2 + [0.0] * 8 and torch.equal(alpha[:, 2], alpha[:, 3])
+    assert alpha[:, 5].tolist() == [0.0] * 5 + [1.0] * 5
+
+
+def test_a_window_of_zero_keeps_the_edits_own_maps():
+    x = layer()
+    m = replace_mapper([(1,), (2,), (3,)], [(1,), (9,), (3,)], T)
+    a_src = attention_probs(x["q_src"], x["k_src"], HEADS)
+    a_edit = attention_probs(x["q_edit"], x["k_edit"], HEADS)
+    window = torch.ones(T)
+    window[2] = 0.0  # "dog" outside its window
+    got = edit_cross_attention(a_src, a_edit, Alignment("replace", T, mapper=m), window=window)
+    full = edit_cross_attention(a_src, a_edit, Alignment("replace", T, mapper=m))
+    assert torch.equal(got[..., 2], a_edit[..., 2].float()) and torch.equal(got[..., 3:], full[..., 3:])
+
+
+def test_reweight_rides_on_a_replace():
+    """The reference's ``AttentionReweight(prev_controller=AttentionReplace)``: the swap's maps times the equalizer."""
+    x = layer()
+    m = replace_mapper([(1,), (2,), (3,)], [(1,), (9,), (3,)], T)
+    w = equalizer(T, [2], 3.0)
+    a_src = attention_probs(x["q_src"], x["k_src"], HEADS)
+    got = edit_cross_attention(a_src, None, Alignment("replace", T, mapper=m, weights=w))
+    assert torch.allclose(got, (a_src @ m) * w)
+    assert not torch.allclose(got, a_src @ m)
+
+
+def test_pnp_feature_block_is_the_references():
+    sd15 = [False, False, False, True, True, True, True, True, True, True, True, True]  # SD1.x output blocks
+    assert default_feature_block(sd15) == 4  # up_blocks[1].resnets[1]
+    assert default_feature_block([True] * 9) == 1  # SDXL

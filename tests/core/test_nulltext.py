@@ -199,3 +199,16 @@ def test_early_stop_is_measured_in_the_scaled_latent(scene):
     assert untouched.losses[0] == pytest.approx(raw / (1 + sigmas[1].item() ** 2), rel=1e-4)
     with pytest.raises(ValueError, match="early_stop_rule"):
         null_text_inversion(model.denoiser, inv.latents, sigmas, source, null, W, early_stop_rule="never")
+
+
+def test_learning_rate_schedule_is_the_reference_codes():
+    """Mokady et al.'s code: ``Adam(lr=1e-2 * (1. - i / 100.))`` at step i of its 50; PSEdit holds lr / 2 from step 50
+    on (the formula would reach 0 at 100). ``relative`` is the earlier rule, lr to lr / 2 over any step count."""
+    from psedit_core.nulltext import step_learning_rate
+
+    for n in (10, 20, 50):
+        for i in range(n):
+            assert step_learning_rate(1e-2, i, n) == pytest.approx(1e-2 * (1.0 - i / 100.0), rel=1e-12)
+    assert step_learning_rate(1e-2, 120, 150) == pytest.approx(5e-3)
+    assert step_learning_rate(1e-2, 9, 10, "relative") == pytest.approx(1e-2 * (1 - 0.45))
+    assert step_learning_rate(1e-2, 9, 10, "reference") == pytest.approx(1e-2 * 0.91)

@@ -417,6 +417,80 @@ def test_full_gradient_memory_is_in_comfys_estimate(world, monkeypatch):
     assert model.model.memory_required(shape) == plain  # the object patch left with the model
 
 
+def test_prepare_sampling_wrapper_passes_through_what_it_does_not_use(world, monkeypatch):
+    """ComfyUI 0.33 calls PREPARE_SAMPLING wrappers with ``force_full_load=`` / ``force_offload=``, and a later one may
+    add more: the gradient-memory wrapper hands them on to ComfyUI, keeps ``force_full_load`` for its own reload and
+    leaves a ``force_offload`` preparation as it is; the patched ``memory_required`` takes keywords it does not know."""
+    import psedit_pack.nodes._comfy as pc
+
+    model, conds, latent, sigmas = world
+    grad = pc.differentiable_patcher(model)
+    seen, loads = {}, []
+
+    def executor(model_, noise_shape, conds_, *args, **kwargs):
+        seen["args"], seen["kwargs"] = args, kwargs
+        return "real_model", {}, []
+
+    executor.class_obj = None
+    monkeypatch.setattr(comfy.model_management, "load_models_gpu", lambda models, **kw: loads.append(kw))
+    monkeypatch.setattr(comfy.sampler_helpers, "estimate_memory", lambda *a: (10.0, 5.0))
+    kwargs = {"model_options": {}, "force_full_load": True, "force_offload": False, "a_future_keyword": 1}
+    out = pc._prepare_with_grad_memory(executor, grad, [1, 4, 8, 8], {}, **kwargs)
+    assert out == ("real_model", {}, []) and seen["kwargs"] == kwargs
+    assert loads == [{"memory_required": 10.0, "minimum_memory_required": 5.0, "force_full_load": True}]
+    pc._prepare_with_grad_memory(executor, grad, [1, 4, 8, 8], {}, force_offload=True)
+    assert len(loads) == 1  # ComfyUI already offloads all it can
+    memory_required = grad.get_model_object("memory_required")
+    assert memory_required([2, 4, 64, 64], cond_shapes={}, memory_efficient_attention=True) > 0
+
+
+def test_weight_wrapper_copies_what_autograd_must_not_share():
+    """ComfyUI 0.33 may hand a layer's weight function a view of a shared cast buffer (offload streams, dynamic VRAM)
+    or the resident inference tensor: with gradients on the wrapper copies those, so the next layer's cast cannot
+    change what backward reads; a fresh copy, and every weight without gradients, is passed on as it is."""
+    import psedit_pack.nodes._comfy as pc
+
+    buffer = torch.randn(64)
+    view = buffer[8:24].view(4, 4)
+    with torch.inference_mode():
+        resident = torch.randn(4, 4)
+    fresh = torch.randn(4, 4)
+    with torch.enable_grad():
+        for weight in (view, resident):
+            out = pc._frozen(weight)
+            assert torch.equal(out, weight) and out.untyped_storage().data_ptr() != weight.untyped_storage().data_ptr()
+            assert not out.is_inference() and out._base is None
+        assert pc._frozen(fresh).untyped_storage().data_ptr() == fresh.untyped_storage().data_ptr()
+        copied = pc._frozen(view)
+        buffer.zero_()  # the next layer's cast into the same buffer
+        assert copied.abs().sum() > 0
+    with torch.no_grad():
+        assert pc._frozen(view).untyped_storage().data_ptr() == buffer.untyped_storage().data_ptr()
+
+
+def test_gradient_forwards_use_comfys_differentiable_kernels(world):
+    """Inside a gradient forward ComfyUI's ``in_training`` switch is on (0.33's Flux RoPE has no backward otherwise),
+    and it is restored after."""
+    import comfy.model_management as mm
+    import psedit_pack.nodes._comfy as pc
+
+    seen = []
+
+    def executor(*args, **kwargs):
+        seen.append(getattr(mm, "in_training", None))
+        return args[0] * 2
+
+    executor.class_obj = None
+    before = getattr(mm, "in_training", None)
+    x = torch.ones(2, requires_grad=True)
+    with torch.enable_grad():
+        pc._grad_forward(executor, x)
+    with torch.no_grad():
+        pc._grad_forward(executor, x)
+    expected_on = True if hasattr(mm, "in_training") else None
+    assert seen == [expected_on, before] and getattr(mm, "in_training", None) == before
+
+
 def test_an_undifferentiable_patch_is_named_with_the_alternative(world, taesd_vae):
     """A third-party block patch that multiplies by a tensor it made under inference mode cannot be differentiated:
     full-gradient guidance and null-text inversion stop with a message naming gradient 'x0' / negative-prompt."""

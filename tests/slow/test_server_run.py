@@ -64,9 +64,11 @@ def api_prompt(name: str, ckpt_name: str, photo: str) -> dict:
     return prompt
 
 
-@pytest.mark.parametrize("name,prefix", [("psedit_edit_sd15", "psedit_edit_"), ("psedit_p2p_sd15", "psedit_p2p_"),
-                                         ("psedit_pnp_sd15", "psedit_pnp_")])
-def test_edit_workflow_runs_on_server(tmp_path, checkpoint, name, prefix):
+@pytest.mark.parametrize("name,prefixes", [
+    ("psedit_edit_sd15", {"psedit_edit_"}), ("psedit_masked_edit_sd15", {"psedit_masked_edit_"}),
+    ("psedit_ablation_sd15", {"psedit_nulltext_", "psedit_textopt_", "psedit_perceptual_", "psedit_ablation_"}),
+    ("psedit_p2p_sd15", {"psedit_p2p_"}), ("psedit_pnp_sd15", {"psedit_pnp_"})])
+def test_edit_workflow_runs_on_server(tmp_path, checkpoint, name, prefixes):
     server = Server(base=tmp_path / "comfy").prepare()
     checkpoints = server.base / "models" / "checkpoints"
     checkpoints.mkdir(parents=True)
@@ -93,13 +95,14 @@ def test_edit_workflow_runs_on_server(tmp_path, checkpoint, name, prefix):
         assert status == "success", json.dumps(record)[-3000:] + server.log()[-3000:]
     finally:
         server.stop()
-    saved = [img for out in record["outputs"].values() for img in out.get("images", [])]
-    assert [img["filename"].startswith(prefix) for img in saved] == [True], saved
-    path = server.base / "output" / saved[0].get("subfolder", "") / saved[0]["filename"]
-    assert path.is_file(), server.log()[-3000:]
-    image = np.asarray(Image.open(path).convert("RGB")).astype(np.float32)
-    assert image.shape == EDIT_SHAPE
-    assert np.isfinite(image).all() and image.std() > 1.0, "the edit came out constant"
+    saved = [img for out in record["outputs"].values() for img in out.get("images", []) if img.get("type") == "output"]
+    assert {img["filename"].rsplit("_", 2)[0] + "_" for img in saved} == prefixes, saved
+    for img in saved:  # each edit at the photo's cropped size (the ablation's comparison: several side by side)
+        path = server.base / "output" / img.get("subfolder", "") / img["filename"]
+        assert path.is_file(), server.log()[-3000:]
+        image = np.asarray(Image.open(path).convert("RGB")).astype(np.float32)
+        assert image.shape[0] == EDIT_SHAPE[0] and image.shape[1] % EDIT_SHAPE[1] == 0, (img, image.shape)
+        assert np.isfinite(image).all() and image.std() > 1.0, f"{img['filename']} came out constant"
     log = server.log()
     assert "Adding extra search path lpips" in log and "Adding extra search path vae_approx" in log
 

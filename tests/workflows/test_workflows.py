@@ -156,7 +156,7 @@ def test_edit_workflow_settings():
     assert widgets(node_of(wf, "PSEditDDIMInvert")) == {"cfg": 1.0, "refine": 2, "convention": "start"}
     assert widgets(node_of(wf, "PSEditNullTextInversion")) == {
         "guidance": 7.5, "method": "null-text", "inner_iterations": 10, "early_stop": 1e-5, "learning_rate": 0.01,
-        "early_stop_rule": "mokady", "optimise": "all"}
+        "early_stop_rule": "mokady", "optimise": "all", "lr_schedule": "reference"}
     texts = sorted(widgets(n)["text"] for n in nodes_of(wf, "CLIPTextEncode"))
     assert texts == ["", "a cat sitting on a sofa", "a tiger sitting on a sofa"]
     guider = node_of(wf, "PSEditTripleGuider")
@@ -317,11 +317,10 @@ def assert_p2p_defaults(wf, control):
     assert source_of(wf, control, "inversion") is node_of(wf, "PSEditDDIMInvert")
 
 
-@pytest.mark.parametrize("name", CONTROL_WORKFLOWS)
+@pytest.mark.parametrize("name", ["psedit_p2p_sd15", "psedit_ablation_sd15"])
 def test_captions_are_typed_once(name):
-    """Attention Control finds the edit branch by its text and Feature Injection's source pass must be the inverted
-    caption: each caption is one String node feeding its CLIPTextEncode and the control node, so they cannot
-    differ."""
+    """Attention Control finds the edit branch by its text: each caption is one String node feeding its
+    CLIPTextEncode and the control node, so they cannot differ."""
     wf = load(name)
     strings = {widgets(n)["value"]: n for n in nodes_of(wf, "PrimitiveStringMultiline")}
     assert set(strings) == {SOURCE_TEXT, EDIT_TEXT}
@@ -331,12 +330,11 @@ def test_captions_are_typed_once(name):
     for text, encoder in fed.items():
         assert widgets(encoder)["text"] == text  # the widget's value matches what the link sends
     assert source_of(wf, node_of(wf, "PSEditDDIMInvert"), "source") is fed[SOURCE_TEXT]
-    for control in nodes_of(wf, "PSEditAttentionControl") + nodes_of(wf, "PSEditFeatureInjection"):
+    for control in nodes_of(wf, "PSEditAttentionControl"):
         assert source_of(wf, control, "source_caption") is strings[SOURCE_TEXT]
         assert widgets(control)["source_caption"] == SOURCE_TEXT
-        if control["type"] == "PSEditAttentionControl":
-            assert source_of(wf, control, "edit_caption") is strings[EDIT_TEXT]
-            assert widgets(control)["edit_caption"] == EDIT_TEXT
+        assert source_of(wf, control, "edit_caption") is strings[EDIT_TEXT]
+        assert widgets(control)["edit_caption"] == EDIT_TEXT
     # A link on a widget is a socket the frontend knows as that widget's.
     for node in wf["nodes"]:
         if node["type"] in FRONTEND_ONLY:
@@ -371,14 +369,18 @@ def test_p2p_workflow_settings():
 
 
 def test_pnp_workflow_settings():
-    """DDIM inversion + Feature Injection (the paper's windows and layers) + the stock CFGGuider on the edit caption
-    against the empty null; no null-text inversion, no perceptual guidance."""
+    """As Plug-and-Play's code: DDIM inversion with the empty prompt, Feature Injection with the empty prompt's source
+    pass, the paper's windows and layers, residual injection, then the stock CFGGuider on the edit caption against
+    the empty null; no null-text inversion, no perceptual guidance, no source caption anywhere."""
     wf = load("psedit_pnp_sd15")
     types = {n["type"] for n in wf["nodes"]}
-    assert not types & {"PSEditNullTextInversion", "PSEditPerceptualGuidance", "PSEditTripleGuider"}
+    assert not types & {"PSEditNullTextInversion", "PSEditPerceptualGuidance", "PSEditTripleGuider",
+                        "PrimitiveStringMultiline"}
+    assert sorted(widgets(n)["text"] for n in nodes_of(wf, "CLIPTextEncode")) == ["", EDIT_TEXT]
+    assert widgets(source_of(wf, node_of(wf, "PSEditDDIMInvert"), "source"))["text"] == ""
     inject = node_of(wf, "PSEditFeatureInjection")
-    assert widgets(inject) == {"source_caption": SOURCE_TEXT, "feature_start": 0.0, "feature_end": 0.8,
-                               "attn_start": 0.0, "attn_end": 0.5, "feature_block": -1, "attn_from_block": -1}
+    assert widgets(inject) == {"source_caption": "", "feature_start": 0.0, "feature_end": 0.8, "attn_start": 0.0,
+                               "attn_end": 0.5, "feature_block": -1, "attn_from_block": -1, "inject": "residual"}
     assert source_of(wf, inject, "inversion") is node_of(wf, "PSEditDDIMInvert")
     assert source_of(wf, inject, "model")["type"] == source_of(wf, inject, "clip")["type"] == "CheckpointLoaderSimple"
     guider = node_of(wf, "CFGGuider")
