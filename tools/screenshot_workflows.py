@@ -118,6 +118,8 @@ def named_files() -> dict[str, set[str]]:
     found: dict[str, set[str]] = {}
     for path in sorted(WORKFLOWS.glob("*.json")):
         for node in json.loads(path.read_text())["nodes"]:
+            for model in (node.get("properties") or {}).get("models", []):  # e.g. Perceptual Guidance's decoder
+                found.setdefault(model["directory"], set()).add(model["name"])
             values = node.get("widgets_values") or []
             if node["type"] == "LoadImage" and values:
                 found.setdefault("input", set()).add(values[0])
