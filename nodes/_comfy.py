@@ -642,9 +642,11 @@ def taesd_patcher(model, choice: str = AUTO_TAESD):
             decoder = Decoder(latent_channels=latent_format(model).latent_channels)
             decoder.load_state_dict(comfy.utils.load_torch_file(path, safe_load=True))
             decoder = decoder.float().eval().requires_grad_(False)
-        patcher = comfy.model_patcher.ModelPatcher(
-            decoder, load_device=comfy.model_management.get_torch_device(),
-            offload_device=comfy.model_management.unet_offload_device())
+        # ComfyUI's own patcher class for models it loads (0.33: the dynamic-VRAM patcher where comfy-aimdo runs, so
+        # the decoder shares its memory management with the UNet; the plain ModelPatcher on CPUs and before 0.33)
+        core = getattr(comfy.model_patcher, "CoreModelPatcher", comfy.model_patcher.ModelPatcher)
+        patcher = core(decoder, load_device=comfy.model_management.get_torch_device(),
+                       offload_device=comfy.model_management.unet_offload_device())
         _taesd_patchers[path] = differentiable_patcher(patcher, unet=False)
     return _taesd_patchers[path]
 

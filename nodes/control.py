@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..psedit_core.attention import trajectory_point
+from ..psedit_core.attention import replace_chunks, trajectory_point
 from ..psedit_core.schedule import step_index
 from . import _comfy
 
@@ -275,6 +275,20 @@ class Controller:
             with torch.inference_mode(False):
                 t = records[key] = t.clone()
         return t
+
+    def source_self_attention(self, layer, q, k, v, heads, extra, flags, default):
+        """Self-attention with the source pass's queries and keys in the branches ``flags`` marks (psedit_core
+        attention eq. (S)), the branch's own values; the layer's own attention, logged once, where the sampled latent
+        is not the inverted photo's (another size or batch)."""
+        q_src, k_src = self.usable(("q", layer)), self.usable(("k", layer))
+        _, b = branches(q, extra)
+        if q_src.shape[0] != b or q_src.shape[1:] != q.shape[1:]:
+            self.warn_once("self-shape", "%s: self-attention not taken from the photo: the sampled latent (batch %d, "
+                           "%d positions) is not the inverted photo's (batch %d, %d positions); sample the LATENT "
+                           "DDIM Invert returns", self.name, b, q.shape[1], q_src.shape[0], q_src.shape[1])
+            return default()
+        q2, k2 = replace_chunks(q, q_src, flags), replace_chunks(k, k_src, flags)
+        return _comfy.attention(q2, k2, v, heads, {"attn_precision": extra.get("attn_precision")})
 
     def warn_once(self, key: str, message: str, *args) -> None:
         if key not in self.warned:

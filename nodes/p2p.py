@@ -24,7 +24,6 @@ from ..psedit_core.attention import (
     attention_output,
     attention_probs,
     blend_start_step,
-    replace_chunks,
     truncated_steps,
 )
 from ..psedit_core.p2p import (
@@ -170,7 +169,8 @@ class P2P:
         if kind == "attn2" and (acts["cross"] or self._blends(ctl, layer)):
             return self._cross(ctl, layer, q, k, v, heads, extra, prev, roles)
         if kind == "attn1" and acts["self"] and self._self_layer(q, extra):
-            return self._self(ctl, layer, q, k, v, heads, extra, roles, default)
+            flags = [role == "edit" for role in roles]
+            return ctl.source_self_attention(layer, q, k, v, heads, extra, flags, default)
         return default()
 
     @staticmethod
@@ -207,18 +207,6 @@ class P2P:
                 self._accumulate(ctl, "edit", maps, extra)
             outs.append(attention_output(maps, v_own, heads))
         return torch.cat(outs, dim=0)
-
-    def _self(self, ctl, layer, q, k, v, heads, extra, roles, default):
-        q_src, k_src = ctl.usable(("q", layer)), ctl.usable(("k", layer))
-        _, b = branches(q, extra)
-        if q_src.shape[0] != b or q_src.shape[1:] != q.shape[1:]:
-            ctl.warn_once("self-shape", "%s: self-attention not replaced: the sampled latent (batch %d, %d positions) "
-                          "is not the inverted photo's (batch %d, %d positions); sample the LATENT DDIM Invert returns",
-                          ctl.name, b, q.shape[1], q_src.shape[0], q_src.shape[1])
-            return default()
-        flags = [role == "edit" for role in roles]
-        q2, k2 = replace_chunks(q, q_src, flags), replace_chunks(k, k_src, flags)
-        return _comfy.attention(q2, k2, v, heads, {"attn_precision": extra.get("attn_precision")})
 
     # ---- the local blend ----
 

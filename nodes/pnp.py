@@ -80,16 +80,8 @@ class PnP:
     def edit(self, ctl, kind, layer, q, k, v, heads, extra, prev, default):
         if kind != "attn1" or not ctl.run.step.acts["attn"] or not self._injects(layer):
             return default()
-        q_src, k_src = ctl.usable(("q", layer)), ctl.usable(("k", layer))
-        n, b = branches(q, extra)
-        if q_src.shape[0] != b or q_src.shape[1:] != q.shape[1:]:
-            ctl.warn_once("self-shape", "%s: self-attention not injected: the sampled latent (batch %d, %d positions) "
-                          "is not the inverted photo's (batch %d, %d positions); sample the LATENT DDIM Invert returns",
-                          ctl.name, b, q.shape[1], q_src.shape[0], q_src.shape[1])
-            return default()
-        flags = [True] * n
-        q2, k2 = replace_chunks(q, q_src, flags), replace_chunks(k, k_src, flags)
-        return _comfy.attention(q2, k2, v, heads, {"attn_precision": extra.get("attn_precision")})
+        n, _ = branches(q, extra)
+        return ctl.source_self_attention(layer, q, k, v, heads, extra, [True] * n, default)
 
     # ---- features ----
 

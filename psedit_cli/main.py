@@ -46,7 +46,8 @@ def _common_options() -> argparse.ArgumentParser:
     c.add_argument("--comfyui", help="ComfyUI checkout used as a library (default: $COMFYUI_PATH)")
     c.add_argument("--checkpoint", required=True, type=Path, help="SD1.x or SDXL checkpoint (.safetensors / .ckpt)")
     c.add_argument("--steps", type=int, default=50, help="sampling (and inversion) steps (default 50)")
-    c.add_argument("--scheduler", default="normal", help="ComfyUI scheduler name (default normal)")
+    c.add_argument("--scheduler", default="ddim_uniform",
+                   help="ComfyUI scheduler name (default ddim_uniform, the reference code's DDIM timesteps)")
     c.add_argument("--gamma", type=float, default=7.5, help="text guidance scale, CFG (default 7.5)")
     c.add_argument("--beta", type=float, default=3.0, help="edit strength, source -> edit caption (default 3)")
     c.add_argument("--text-window", type=float, nargs=2, default=[0.0, 0.4], metavar=("START", "END"),

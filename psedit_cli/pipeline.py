@@ -82,7 +82,7 @@ def nodes():
 @dataclass(frozen=True)
 class Settings:
     steps: int = 50
-    scheduler: str = "normal"
+    scheduler: str = "ddim_uniform"  # the workflows' (tools/make_workflows.py SCHEDULER)
     gamma: float = 7.5  # text guidance scale (CFG)
     beta: float = 3.0  # edit strength (source -> edit caption)
     text_window: tuple[float, float] = (0.0, 0.4)

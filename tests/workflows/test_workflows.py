@@ -152,7 +152,7 @@ def test_workflow_converts_to_api_prompt(name, version):
 
 def test_edit_workflow_settings():
     wf = load("psedit_edit_sd15")
-    assert widgets(node_of(wf, "BasicScheduler")) == {"scheduler": "normal", "steps": 50, "denoise": 1.0}
+    assert widgets(node_of(wf, "BasicScheduler")) == {"scheduler": "ddim_uniform", "steps": 50, "denoise": 1.0}
     assert widgets(node_of(wf, "PSEditDDIMInvert")) == {"cfg": 1.0, "refine": 2, "convention": "start"}
     assert widgets(node_of(wf, "PSEditNullTextInversion")) == {
         "guidance": 7.5, "method": "null-text", "inner_iterations": 10, "early_stop": 1e-5, "learning_rate": 0.01,
@@ -399,7 +399,7 @@ def assert_sampled_as_the_edit(wf, guider):
     assert source_of(wf, run, "latent_image") is invert
     assert source_of(wf, run, "sigmas") is source_of(wf, invert, "sigmas")
     assert widgets(invert) == {"cfg": 1.0, "refine": 2, "convention": "start"}
-    assert widgets(source_of(wf, invert, "sigmas")) == {"scheduler": "normal", "steps": 50, "denoise": 1.0}
+    assert widgets(source_of(wf, invert, "sigmas")) == {"scheduler": "ddim_uniform", "steps": 50, "denoise": 1.0}
 
 
 # --- flow-matching models (SD3.5, Flux) -------------------------------------------------------------------------------
