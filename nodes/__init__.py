@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from comfy_api.latest import ComfyExtension, io
 
+from .flowedit import FlowEditFluxGuiderNode, FlowEditGuiderNode
 from .flux import FluxGuiderNode
 from .guidance import PerceptualGuidanceNode, StepWindowNode, TripleGuiderNode
 from .inversion import DDIMInvert, InvertedNoiseNode
@@ -16,6 +17,7 @@ NODES: list[type[io.ComfyNode]] = [
     DDIMInvert, NullTextInversion, TripleGuiderNode, PerceptualGuidanceNode, StepWindowNode, EditMask,
     InvertedNoiseNode, FluxGuiderNode, AttentionControlNode, FeatureInjectionNode,
 ]
+NODES += [FlowEditGuiderNode, FlowEditFluxGuiderNode]
 
 
 class PSEditExtension(ComfyExtension):

@@ -61,6 +61,8 @@ TITLES = {
     "psedit_edit_flux": "PSEdit - edit a photo (Flux.1 dev)",
     "psedit_p2p_sd15": "PSEdit - Prompt-to-Prompt (SD1.5)",
     "psedit_pnp_sd15": "PSEdit - Plug-and-Play (SD1.5)",
+    "psedit_flowedit_sd35": "PSEdit - edit a photo without inversion (SD3.5)",
+    "psedit_flowedit_flux": "PSEdit - edit a photo without inversion (Flux.1 dev)",
 }
 
 
@@ -775,6 +777,88 @@ def flow_edit_workflow(family: str) -> dict:
     return g.to_json()
 
 
+# --- inversion-free editing on flow models: FlowEdit (issue 27) -------------------------------------------------------
+
+FLOWEDIT = {  # the reference's experiment configs (SD3_exp.yaml / FLUX_exp.yaml); psedit_core.flowedit.PAPER_DEFAULTS
+    "sd35": {"node": "PSEditFlowEditGuider", "steps": 50, "scheduler": "simple", "source_guidance": 3.5,
+             "edit_guidance": 13.5, "n_max": 33},
+    "flux": {"node": "PSEditFlowEditFluxGuider", "steps": 28, "scheduler": "simple", "source_guidance": 1.5,
+             "edit_guidance": 5.5, "n_max": 24},
+}
+
+
+def flowedit_note(family: str) -> str:
+    f, e = FLOW[family], FLOWEDIT[family]
+    calls = "4 model calls per step (source and edit, each with CFG on the null caption)" if family == "sd35" else \
+        "2 model calls per step (source and edit, each at its Flux guidance)"
+    return (
+        f"PSEdit ({f['label']}): edit a photo without inversion (FlowEdit, Kulikov et al. 2025).\n\n"
+        f"1. Load Checkpoint: {'a' if family == 'flux' else 'an'} {f['label']} checkpoint with its text encoders "
+        f"(the missing-models dialog offers {CHECKPOINTS[family]['name']}).\n"
+        "2. Load Image: your photo, any size: 'photo at the model's size' scales it to about 1024x1024 pixels' worth, "
+        "keeping its aspect; VAE Encode then crops each side to a multiple of 8.\n"
+        "3. source caption: what the photo shows. edit caption: the same sentence with the words to change.\n"
+        "4. Queue. No inversion: from the photo's latent, FlowEdit integrates the difference between the edit and "
+        f"source captions' velocities along noisy copies of the photo, over the last n_max = {e['n_max']} of the "
+        f"{e['steps']} steps (the paper's), {calls}. DisableNoise is right here: the guider hands the photo's latent "
+        "to the sampler and draws its own noise from its seed.\n\n"
+        f"Knobs: edit_guidance ({e['edit_guidance']}) edits more when higher; source_guidance "
+        f"({e['source_guidance']}); n_max: larger reaches further into the noise (stronger edits, less of the photo "
+        "kept); n_avg averages noise draws (each costs the model calls again). Connect a MASK (painted in Load Image, "
+        "or PSEdit Edit Mask) to keep the photo exactly outside it."
+    )
+
+
+def flowedit_workflow(family: str) -> dict:
+    """FlowEdit on SD3.5 / Flux.1 dev with the paper's settings: the photo's latent as the sampler's start
+    (DisableNoise), the FlowEdit guider, euler over the paper's schedule."""
+    e = FLOWEDIT[family]
+    flux = family == "flux"
+    g = Graph()
+    ckpt = g.add("CheckpointLoaderSimple", 0, 0, {"ckpt_name": CHECKPOINTS[family]["name"]}, width=340,
+                 models=[CHECKPOINTS[family]])
+    loaded = g.add("LoadImage", 0, 0, {"image": "example.png"}, title="Load Image (your photo)", width=340, height=380)
+    image = g.add("ImageScaleToTotalPixels", 0, 0, {"upscale_method": "lanczos", "megapixels": MEGAPIXELS[family]},
+                  title="photo at the model's size", width=340)
+    g.link(loaded, "IMAGE", image, "image")
+    encode = g.add("VAEEncode", 1, 0, width=360)
+    g.link(image, "IMAGE", encode, "pixels")
+    g.link(ckpt, "VAE", encode, "vae")
+    captions = [("source", SOURCE, "source caption: what the photo shows"),
+                ("edit", EDIT, "edit caption: what it should show")]
+    if not flux:
+        captions.insert(0, ("null", "", "null caption (leave empty)"))
+    texts = {}
+    for name, text, title in captions:
+        texts[name] = g.add("CLIPTextEncode", 1, 0, {"text": text}, title=title, width=360, height=130)
+        g.link(ckpt, "CLIP", texts[name], "clip")
+    sched = g.add("BasicScheduler", 2, 0, {"scheduler": e["scheduler"], "steps": e["steps"], "denoise": 1.0},
+                  width=320)
+    g.link(ckpt, "MODEL", sched, "model")
+    guider = g.add(e["node"], 2, 0, {k: e[k] for k in ("source_guidance", "edit_guidance", "n_max")}, width=340,
+                   height=260)
+    g.link(ckpt, "MODEL", guider, "model")
+    if not flux:
+        g.link(texts["null"], "CONDITIONING", guider, "null")
+    g.link(texts["source"], "CONDITIONING", guider, "source")
+    g.link(texts["edit"], "CONDITIONING", guider, "edit")
+    noise = g.add("DisableNoise", 3, 0, title="DisableNoise (the photo's latent is the start)", width=320)
+    sampler = g.add("KSamplerSelect", 3, 0, {"sampler_name": "euler"}, title="KSamplerSelect (euler: FlowEdit's step)",
+                    width=320)
+    run = g.add("SamplerCustomAdvanced", 4, 0, width=300)
+    g.link(noise, "NOISE", run, "noise")
+    g.link(guider, "GUIDER", run, "guider")
+    g.link(sampler, "SAMPLER", run, "sampler")
+    g.link(sched, "SIGMAS", run, "sigmas")
+    g.link(encode, "LATENT", run, "latent_image")
+    decode = g.add("VAEDecode", 4, 0, width=300)
+    g.link(run, "output", decode, "samples")
+    g.link(ckpt, "VAE", decode, "vae")
+    save(g, decode, f"psedit_flowedit_{family}", 5)
+    g.note(flowedit_note(family), 0, -330, width=820, height=270)
+    return g.to_json()
+
+
 WORKFLOWS = {
     "psedit_edit_sd15": lambda: edit_workflow("sd15"),
     "psedit_ablation_sd15": ablation_workflow,
@@ -784,6 +868,8 @@ WORKFLOWS = {
     "psedit_edit_flux": lambda: flow_edit_workflow("flux"),
     "psedit_p2p_sd15": p2p_workflow,
     "psedit_pnp_sd15": pnp_workflow,
+    "psedit_flowedit_sd35": lambda: flowedit_workflow("sd35"),
+    "psedit_flowedit_flux": lambda: flowedit_workflow("flux"),
 }
 
 

@@ -425,7 +425,8 @@ def test_unsupported_families_are_refused(kind):
 
 # --- the example workflows run ----------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("name,family", [("psedit_edit_sd35", "sd3"), ("psedit_edit_flux", "flux")])
+@pytest.mark.parametrize("name,family", [("psedit_edit_sd35", "sd3"), ("psedit_edit_flux", "flux"),
+                                         ("psedit_flowedit_sd35", "sd3"), ("psedit_flowedit_flux", "flux")])
 def test_flow_workflow_runs_on_a_tiny_model(name, family, flow_decoders):
     """The example workflow's API-format twin (as the frontend sends it), executed node by node with the real node
     classes under inference mode. Only what needs real weights is stood in for: the checkpoint (tiny model, random
@@ -457,7 +458,15 @@ def test_flow_workflow_runs_on_a_tiny_model(name, family, flow_decoders):
             return tiny.photo(96), torch.zeros(1, 96, 96)
         return None
 
+    classes.update(DisableNoise=ncs.DisableNoise)
+    if "flowedit" in name:  # the paper's n_max counts from the end of its schedule: run all 4 steps here
+        overrides["PSEditFlowEditGuider" if family == "sd3" else "PSEditFlowEditFluxGuider"] = {"n_max": 4}
     saved, ran = run_api_workflow(name, classes, stand_in, overrides)
+    assert len(saved) == 1 and saved[0].shape == (1, 64, 64, 3) and torch.isfinite(saved[0]).all()
+    if "flowedit" in name:  # no inversion at all: the photo's latent, DisableNoise, the FlowEdit guider
+        guider = "PSEditFlowEditFluxGuider" if family == "flux" else "PSEditFlowEditGuider"
+        assert {guider, "DisableNoise", "SamplerCustomAdvanced"} <= set(ran)
+        assert not {"PSEditDDIMInvert", "PSEditInvertedNoise", "PSEditNullTextInversion"} & set(ran)
+        return
     assert {"PSEditDDIMInvert", "PSEditInvertedNoise", "PSEditPerceptualGuidance", "SamplerCustomAdvanced"} <= set(ran)
     assert ("PSEditFluxGuider" if family == "flux" else "PSEditNullTextInversion") in ran
-    assert len(saved) == 1 and saved[0].shape == (1, 64, 64, 3) and torch.isfinite(saved[0]).all()

@@ -40,7 +40,7 @@ SNAPSHOT = snapshots.load(HOST_VERSION if KNOWN_HOST else snapshots.newest())
 WORKFLOWS = sorted(BUILDERS)  # ids; path_of(id) is example_workflows/<title>.json, the template <title>
 PSEDIT_NODES = {"PSEditDDIMInvert", "PSEditNullTextInversion", "PSEditTripleGuider", "PSEditPerceptualGuidance",
                 "PSEditStepWindow", "PSEditEditMask", "PSEditInvertedNoise", "PSEditFluxGuider",
-                "PSEditAttentionControl", "PSEditFeatureInjection"}
+                "PSEditAttentionControl", "PSEditFeatureInjection", "PSEditFlowEditGuider", "PSEditFlowEditFluxGuider"}
 SCHEMA_KEYS = ("input", "input_order", "output", "output_is_list", "output_name")
 
 

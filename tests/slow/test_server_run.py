@@ -45,6 +45,7 @@ STEPS, INNER_ITERATIONS, TIMEOUT_S = 4, 2, 1500
 # The workflow scales the photo to SD1.5's 512x512 area; here to the node's minimum, 0.01 "megapixels" (10485
 # pixels, about 102x102), so a 256x192 "phone photo" becomes 118x89, which VAE Encode crops to 112x88.
 MEGAPIXELS, PHOTO_SIZE, EDIT_SHAPE = 0.01, (256, 192), (88, 112, 3)
+SCALED_SHAPE = (89, 118, 3)  # the scaled photo before VAE Encode's crop (ImageBatch scales the edits to it)
 
 
 def api_prompt(name: str, ckpt_name: str, photo: str) -> dict:
@@ -97,11 +98,12 @@ def test_edit_workflow_runs_on_server(tmp_path, checkpoint, name, prefixes):
         server.stop()
     saved = [img for out in record["outputs"].values() for img in out.get("images", []) if img.get("type") == "output"]
     assert {img["filename"].rsplit("_", 2)[0] + "_" for img in saved} == prefixes, saved
-    for img in saved:  # each edit at the photo's cropped size (the ablation's comparison: several side by side)
+    for img in saved:  # each edit at the photo's cropped size; the ablation's comparison batch at the scaled photo's
         path = server.base / "output" / img.get("subfolder", "") / img["filename"]
         assert path.is_file(), server.log()[-3000:]
         image = np.asarray(Image.open(path).convert("RGB")).astype(np.float32)
-        assert image.shape[0] == EDIT_SHAPE[0] and image.shape[1] % EDIT_SHAPE[1] == 0, (img, image.shape)
+        want = SCALED_SHAPE if img["filename"].startswith("psedit_ablation_") else EDIT_SHAPE
+        assert image.shape == want, (img, image.shape)
         assert np.isfinite(image).all() and image.std() > 1.0, f"{img['filename']} came out constant"
     log = server.log()
     assert "Adding extra search path lpips" in log and "Adding extra search path vae_approx" in log

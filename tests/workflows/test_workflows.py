@@ -24,11 +24,12 @@ gen = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(gen)
 FILES = sorted((REPO / "example_workflows").glob("*.json"))
 EXPECTED = {"psedit_edit_sd15", "psedit_ablation_sd15", "psedit_edit_sdxl", "psedit_masked_edit_sd15",
-            "psedit_edit_sd35", "psedit_edit_flux", "psedit_p2p_sd15", "psedit_pnp_sd15"}
+            "psedit_edit_sd35", "psedit_edit_flux", "psedit_p2p_sd15", "psedit_pnp_sd15", "psedit_flowedit_sd35",
+            "psedit_flowedit_flux"}
 WORKFLOWS = sorted(EXPECTED)
 PSEDIT_NODES = {"PSEditDDIMInvert", "PSEditNullTextInversion", "PSEditTripleGuider", "PSEditPerceptualGuidance",
                 "PSEditStepWindow", "PSEditEditMask", "PSEditInvertedNoise", "PSEditFluxGuider",
-                "PSEditAttentionControl", "PSEditFeatureInjection"}
+                "PSEditAttentionControl", "PSEditFeatureInjection", "PSEditFlowEditGuider", "PSEditFlowEditFluxGuider"}
 # Per workflow: the TAESD decoder it declares and the image side its photo is scaled to.
 TAESD_OF = {"sd15": "taesd_decoder", "sdxl": "taesdxl_decoder", "sd35": "taesd3_decoder", "flux": "taef1_decoder"}
 SIDE_OF = {"sd15": 512, "sdxl": 1024, "sd35": 1024, "flux": 1024}
@@ -230,8 +231,10 @@ def test_notes_name_what_to_set(name):
     wf = load(name)
     notes = " ".join(n["widgets_values"][0] for n in nodes_of(wf, "Note")).lower()
     types = {n["type"] for n in wf["nodes"]}
-    words = ["checkpoint", "photo", "source caption", "edit caption", "window"]
+    words = ["checkpoint", "photo", "source caption", "edit caption"]
+    words += ["window"] * bool(types & {"PSEditStepWindow", "PSEditAttentionControl", "PSEditFeatureInjection"})
     words += ["beta"] * bool(types & {"PSEditTripleGuider", "PSEditFluxGuider"})
+    words += ["n_max", "edit_guidance", "mask"] * bool(types & {"PSEditFlowEditGuider", "PSEditFlowEditFluxGuider"})
     words += ["strength"] * ("PSEditPerceptualGuidance" in types) + ["cfg"] * ("CFGGuider" in types)
     words += ["cross", "self"] * ("PSEditAttentionControl" in types)
     words += ["blend_words"] * any(c["outputs"][1]["links"] for c in nodes_of(wf, "PSEditAttentionControl"))
