@@ -38,17 +38,23 @@ def missing_files(folder: Path) -> list[str]:
     return missing
 
 
+def check_folder(folder: str | Path | None) -> Path:
+    """``folder`` as a Path when it holds a CLIP in transformers format; otherwise an error naming what is missing."""
+    if not folder:
+        raise SetupError(f"the metrics need a CLIP folder: pass --clip DIR holding {EXPECTED}. {HOW_TO_SAVE}")
+    folder = Path(folder)
+    missing = missing_files(folder) if folder.is_dir() else ["the folder itself"]
+    if missing:
+        raise SetupError(f"--clip {folder} is not a CLIP folder in transformers format: missing "
+                         f"{'; '.join(missing)} (expected {EXPECTED}). {HOW_TO_SAVE}")
+    return folder
+
+
 class ClipEmbedder:
     """``images([IMAGE, ...])`` and ``texts([str, ...])`` -> CLIP embeddings [N, D] (projected, not normalised)."""
 
     def __init__(self, folder: str | Path | None, device: str | torch.device = "cpu"):
-        if not folder:
-            raise SetupError(f"the metrics need a CLIP folder: pass --clip DIR holding {EXPECTED}. {HOW_TO_SAVE}")
-        folder = Path(folder)
-        missing = missing_files(folder) if folder.is_dir() else ["the folder itself"]
-        if missing:
-            raise SetupError(f"--clip {folder} is not a CLIP folder in transformers format: missing "
-                             f"{'; '.join(missing)} (expected {EXPECTED}). {HOW_TO_SAVE}")
+        folder = check_folder(folder)
         self.device = torch.device(device)
         try:
             self.model, self.tokenizer, self.image_processor = _load(folder)

@@ -10,6 +10,7 @@ import logging
 import math
 import os
 import time
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -110,6 +111,16 @@ class Results:
             f.write(line)
         self.rows[(row["image"], row["config"])] = row
 
+    def reorder(self, items: list[Item]) -> None:
+        """Rewrite the file with the rows of ``items`` first, in their order and the paper's, then any others (photos
+        no longer in the captions) as they were."""
+        keys = [(i.stem, c) for i in items for c in CONFIGS if (i.stem, c) in self.rows]
+        ordered = {k: self.rows[k] for k in keys}
+        ordered.update((k, v) for k, v in self.rows.items() if k not in ordered)
+        if list(ordered) != list(self.rows):
+            self.rows = ordered
+            self._rewrite()
+
     def for_items(self, items: list[Item]) -> list[dict]:
         return [self.rows[(i.stem, c)] for i in items for c in CONFIGS if (i.stem, c) in self.rows]
 
@@ -185,25 +196,50 @@ class ImageMetrics:
 
 # --- the run ----------------------------------------------------------------------------------------------------------
 
+@dataclass
+class Edit:
+    """One configuration's result for one photo: the edited IMAGE and its ``results.csv`` row."""
+
+    config: str
+    image: torch.Tensor
+    row: dict
+
+
 def evaluate(models: Models, items: list[Item], out: Path, settings: Settings, metrics: Metrics, progress=None,
              on_row=None) -> list[dict]:
     """Run every (image, configuration) not yet in ``out/results.csv``, then write the tables; returns all rows."""
+    results = open_run(out, settings)
+    for item in items:
+        todo = todo_for(results, item)
+        advance(progress, len(CONFIGS) - len(todo))
+        for edit in edit_photo(models, item, todo, settings, metrics):
+            write_edit(item, edit, out, results)
+            advance(progress, 1)
+            if on_row:
+                on_row(edit.row)
+        if todo or not has_grid(item, out):
+            write_grid(item, out, settings)
+    return finish(items, out, results)
+
+
+def open_run(out: Path, settings: Settings) -> Results:
+    """The output folder, its settings checked against ``run.json`` and its trusted rows loaded."""
     out.mkdir(parents=True, exist_ok=True)
     check_run(out, settings)
-    results = Results(out)
-    for item in items:
-        todo = [c for c in CONFIGS if not results.done(item.stem, c)]
-        _advance(progress, len(CONFIGS) - len(todo))
-        if todo:
-            _evaluate_image(models, item, todo, out, settings, metrics, results, progress, on_row)
-        if todo or not (out / "grids" / f"{item.stem}.png").is_file():
-            write_grid(item, out, settings)
-    rows = results.for_items(items)
-    write_tables(rows, out)
-    return rows
+    return Results(out)
 
 
-def _evaluate_image(models, item, todo, out, settings, metrics, results, progress, on_row) -> None:
+def todo_for(results: Results, item: Item) -> list[str]:
+    """The configurations of ``item`` that have no trusted row yet, in the paper's order."""
+    return [c for c in CONFIGS if not results.done(item.stem, c)]
+
+
+def edit_photo(models: Models, item: Item, todo: list[str], settings: Settings, metrics: Metrics) -> Iterator[Edit]:
+    """The work of one photo: invert it once, then run each configuration in ``todo`` on that inversion, yielding
+    each edit with its metrics as it finishes. The sequential run and every Ray worker call this; neither writes
+    here (the caller does, with :func:`write_edit`)."""
+    if not todo:
+        return
     start = time.perf_counter()
     source = load_photo(item.image, settings.resize)
     prepared = prepare(models, source, item.source, item.edit, settings)
@@ -212,21 +248,36 @@ def _evaluate_image(models, item, todo, out, settings, metrics, results, progres
     for config in todo:
         start = time.perf_counter()
         edited = run_config(config, models, prepared, settings)
-        save_image(edited, out / config / f"{item.stem}.png")
         row = {"image": item.stem, "config": config, **scorer.row(edited)}
         if not all(math.isfinite(row[k]) for k in METRICS):
             log.warning("non-finite metric for %s / %s: %s", item.stem, config, row)
-        results.append(row)
         log.info("%s / %s: %.1f s, %s", item.stem, config, time.perf_counter() - start,
                  ", ".join(f"{k} {row[k]:.4g}" for k in METRICS))
-        _advance(progress, 1)
-        if on_row:
-            on_row(row)
+        yield Edit(config, edited, row)
 
 
-def _advance(progress, n: int) -> None:
+def write_edit(item: Item, edit: Edit, out: Path, results: Results) -> None:
+    """Write one edit: its image first (atomically), then its row, so that every row has its image."""
+    save_image(edit.image, out / edit.config / f"{item.stem}.png")
+    results.append(edit.row)
+
+
+def finish(items: list[Item], out: Path, results: Results) -> list[dict]:
+    """``results.csv`` in the captions' order (so it does not depend on which edit finished first), the tables;
+    returns the rows of ``items``."""
+    results.reorder(items)
+    rows = results.for_items(items)
+    write_tables(rows, out)
+    return rows
+
+
+def advance(progress, n: int) -> None:
     if progress is not None and n:
         progress.update(n)
+
+
+def has_grid(item: Item, out: Path) -> bool:
+    return (out / "grids" / f"{item.stem}.png").is_file()
 
 
 def write_grid(item: Item, out: Path, settings: Settings) -> None:

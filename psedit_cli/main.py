@@ -6,6 +6,7 @@ import argparse
 import logging
 import math
 import sys
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -16,6 +17,7 @@ from .errors import SetupError
 log = logging.getLogger("psedit")
 
 CONFIG_CHOICES = ("nulltext", "textopt", "perceptual")
+LOCAL_RAY = "local"  # --ray without an address: start Ray on this machine
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -38,6 +40,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="local CLIP folder in transformers format for CLIPScore (e.g. openai/clip-vit-large-patch14 "
                    "saved with save_pretrained)")
     v.add_argument("--out", required=True, type=Path, help="output folder (run again with it to resume)")
+    v.add_argument("--ray", nargs="?", const=LOCAL_RAY, metavar="ADDRESS",
+                   help="spread the photos over Ray workers, one per GPU (one per CPU slot without GPUs), each loading "
+                   "ComfyUI and the checkpoint once: 'auto' or HOST:PORT joins a running Ray cluster, no ADDRESS "
+                   "starts a local Ray on this machine (needs pip install \"psedit[ray]\")")
+    v.add_argument("--workers", type=int, metavar="N",
+                   help="with --ray: how many workers (default: one per GPU of the cluster, one per CPU without GPUs)")
     return p
 
 
@@ -118,17 +126,30 @@ def run(args) -> int:
     if not args.checkpoint.is_file():
         raise SetupError(f"checkpoint {args.checkpoint} does not exist: pass an SD1.x or SDXL .safetensors/.ckpt")
     if args.command == "eval":
-        from .clip_metrics import ClipEmbedder
+        from .clip_metrics import ClipEmbedder, check_folder
         from .evaluate import read_captions
 
         items = read_captions(args.captions, args.images)
-        clip = ClipEmbedder(args.clip, device=_device())  # fails early, before the checkpoint loads
-    pack = pipeline.setup_comfy(args.comfyui)
-    _check_scheduler(settings.scheduler)
-    pack.nodes._comfy.register_lpips_dirs([str(d) for d in args.lpips_dir])  # Perceptual Guidance looks there too
+        if args.ray is not None:
+            check_folder(args.clip)  # each worker loads CLIP itself; this process needs no model
+            return run_eval_ray(args, settings, items)
+        if args.workers is not None:
+            raise SetupError("--workers is the number of Ray workers: pass it with --ray")
+        clip = ClipEmbedder(args.clip, device=torch_device())  # fails early, before the checkpoint loads
+    lpips_dirs = setup_host(args.comfyui, settings.scheduler, args.lpips_dir)
     if args.command == "edit":
         return run_edit(args, settings)
-    return run_eval(args, settings, items, clip, pack.nodes._comfy.lpips_search_dirs())
+    return run_eval(args, settings, items, clip, lpips_dirs)
+
+
+def setup_host(comfyui, scheduler: str, lpips_dirs) -> list[str]:
+    """ComfyUI as a library with this pack's nodes, the scheduler name checked and the extra LPIPS folders registered
+    (Perceptual Guidance looks there too); returns every folder searched for LPIPS trunks. Run once per process: by
+    the command itself, or by each Ray worker."""
+    pack = pipeline.setup_comfy(comfyui)
+    _check_scheduler(scheduler)
+    pack.nodes._comfy.register_lpips_dirs([str(d) for d in lpips_dirs])
+    return pack.nodes._comfy.lpips_search_dirs()
 
 
 def run_edit(args, settings: pipeline.Settings) -> int:
@@ -143,22 +164,45 @@ def run_edit(args, settings: pipeline.Settings) -> int:
 
 
 def run_eval(args, settings: pipeline.Settings, items, clip, lpips_dirs) -> int:
+    from .evaluate import Metrics, evaluate
+
+    metrics = Metrics(clip, lpips_dirs, device=torch_device())  # LPIPS alex: fails early too
+    models = pipeline.load_checkpoint(args.checkpoint)
+    with _progress(len(items)) as bar:
+        rows = evaluate(models, items, args.out, settings, metrics, progress=bar)
+    return _report(rows, items, args.out)
+
+
+def run_eval_ray(args, settings: pipeline.Settings, items) -> int:
+    """``eval --ray``: the same run, its photos spread over Ray workers (``psedit_cli.distributed``)."""
+    from . import distributed
+
+    if args.workers is not None and args.workers < 1:
+        raise SetupError(f"--workers must be at least 1, got {args.workers}")
+    spec = distributed.WorkerSpec.from_args(args, loader=pipeline.load_checkpoint)
+    with _progress(len(items)) as bar:
+        rows = distributed.evaluate_on_ray(spec, items, args.out, settings, address=args.ray, workers=args.workers,
+                                           progress=bar)
+    return _report(rows, items, args.out)
+
+
+@contextmanager
+def _progress(photos: int):
+    """A progress bar over photos x configurations, with log lines printed above it."""
     from tqdm import tqdm
     from tqdm.contrib.logging import logging_redirect_tqdm
 
-    from .evaluate import Metrics, evaluate
+    with logging_redirect_tqdm(), tqdm(total=photos * len(pipeline.CONFIGS), desc="psedit eval", unit="edit") as bar:
+        yield bar
 
-    metrics = Metrics(clip, lpips_dirs, device=_device())  # LPIPS alex: fails early too
-    models = pipeline.load_checkpoint(args.checkpoint)
-    total = len(items) * len(pipeline.CONFIGS)
-    with logging_redirect_tqdm(), tqdm(total=total, desc="psedit eval", unit="edit") as bar:
-        rows = evaluate(models, items, args.out, settings, metrics, progress=bar)
-    sys.stdout.write(f"{len(rows)} edits of {len(items)} photos in {args.out}; results.csv, table.csv, table.md:\n")
-    sys.stdout.write((args.out / "table.md").read_text(encoding="utf-8"))
+
+def _report(rows: list[dict], items, out: Path) -> int:
+    sys.stdout.write(f"{len(rows)} edits of {len(items)} photos in {out}; results.csv, table.csv, table.md:\n")
+    sys.stdout.write((out / "table.md").read_text(encoding="utf-8"))
     return 0
 
 
-def _device() -> torch.device:
+def torch_device() -> torch.device:
     if "comfy.model_management" in sys.modules:
         import comfy.model_management
 
