@@ -1,11 +1,14 @@
 """The paper's table on the toy world: edits with ground truth, on the trained toy model, through the nodes.
 
-    COMFYUI_PATH=/path/to/ComfyUI python benchmarks/toy_edit.py [--seed 0] [--n 8] [--out bench_out/toy_edit]
+    COMFYUI_PATH=/path/to/ComfyUI python benchmarks/toy_edit.py [--seed 0] [--n 32] [--jobs 2] [--out DIR]
 
 For ``--n`` held-out scenes and edits (colour, shape, background, toward an unseen colour x shape pair, in turn;
 ``psedit_toy.edits``), every row below shares one DDIM inversion (refine 2) of the source photo's TAESD latent
 and the workflow defaults (50 steps, gamma 7.5, beta 3, text window 0-0.4, perceptual strength 1.0 normalized
-in 0.2-0.8, vgg LPIPS through TAESD, 10 null-text iterations):
+in 0.2-0.8, LPIPS through TAESD, 10 null-text iterations), except Perceptual Guidance's LPIPS trunk: alex, not the
+workflows' vgg (``--lpips-net vgg``): alex ranks edit results as vgg does (Spearman 0.87 over all results, 0.90
+within an edit) at 15 ms a call instead of 235 ms (128 px, one thread; ``benchmarks/lpips_trunks.py``), and each
+perceptual row calls it, forward and backward, at 30 of the 50 steps:
 
 | config | what runs |
 |---|---|
@@ -15,12 +18,19 @@ in 0.2-0.8, vgg LPIPS through TAESD, 10 null-text iterations):
 | perceptual_x0 / perceptual_full | + perceptual guidance, x0 / full gradient ("Perceptual Similarity + text opt.") |
 | masked_estimated / masked_true | + perceptual guidance outside PSEdit Edit Mask's estimate / the true edit region |
 | negprompt | the perceptual_x0 row with negative-prompt inversion in place of null-text |
+| flowedit (+perceptual, _masked_true) | ``--model flow``: FlowEdit from the photo's latent (``psedit_toy.flow_rows``) |
 
-Metrics per row (means over the edits): edit_success (the target attribute is reached, by the scene
-classifiers), PSNR and LPIPS (AlexNet) outside the ground-truth edit region and over the whole image, both
-against the source photo; mask_iou of the estimated Edit Mask with the true region; seconds per edit (inversion,
-null-text or negative-prompt, mask estimate and sampling: what that row costs from the photo). Writes
-``table.csv`` / ``table.md`` (one row per config), ``edits.csv`` (one row per edit and config), a grid PNG per
+Metrics per row (means over the edits, with 95% bootstrap intervals over the edits for edit success and background
+PSNR / LPIPS, ``psedit_toy.stats``): edit_success (the asked attribute is reached *and* the object's other
+attributes, the background colour and the object's place and size are kept: ``psedit_toy.edits.judge``),
+attribute_reached (the former success test: the asked attribute only), object_iou (the result's object vs the right
+answer's), PSNR and LPIPS (AlexNet: ranks the results as VGG does at Spearman 0.87-0.90 for 1/15 of the cost,
+``benchmarks/lpips_trunks.py``) outside the ground-truth edit region and over the whole image, both against the
+source photo; mask_iou of the estimated Edit Mask with the true region; seconds per edit (inversion, null-text or
+negative-prompt, mask estimate and sampling: what that row costs from the photo) and model_evals, the network
+evaluations that costs (a forward pre-hook counts batch elements). ``--model flow`` runs the flow-matching twin.
+``--jobs 2`` shares the edits between two processes (one torch thread each: the 2-core machine's fastest setting).
+Writes ``table.csv`` / ``table.md`` (one row per config), ``edits.csv`` (one row per edit and config), a grid PNG per
 edit, and unless ``--sweep-n 0`` a sweep over beta and perceptual strength (target x0, and target latent) on the
 first edits (``sweep.csv``, ``sweep.png``: edit success against preserved-background PSNR).
 """
@@ -29,6 +39,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import dataclasses
 import logging
 import time
 from pathlib import Path
@@ -40,25 +51,39 @@ from _common import device_name, table
 from psedit_cli.pipeline import Settings
 from psedit_core.perceptual import TARGETS
 from psedit_toy import edits as E
+from psedit_toy import flow_model as F
+from psedit_toy import flow_rows as FR
+from psedit_toy import model as M
 from psedit_toy import run as R
 from psedit_toy import scenes as S
+from psedit_toy import stats
 from psedit_toy.model import SHARED_TAESD
 
-COLUMNS = ["config", "edit_success", "bg_psnr", "bg_lpips", "psnr", "lpips", "mask_iou", "seconds"]
+COLUMNS = ["config", "edit_success", "attribute_reached", "object_iou", "bg_psnr", "bg_lpips", "psnr", "lpips",
+           "mask_iou", "seconds", "model_evals"]
+INTERVALS = ("edit_success", "bg_psnr", "bg_lpips", "attribute_reached")  # 95% bootstrap: table.csv's _lo / _hi
+TABLE_COLUMNS = COLUMNS[:1] + [f"{c}{x}" for c in COLUMNS[1:] for x in ("", "_lo", "_hi")
+                               if not x or c in INTERVALS]
 BETAS = (0.0, 1.0, 2.0, 3.0, 5.0, 7.5)
 STRENGTHS = (0.1, 0.3, 1.0, 3.0)
 LATENT_STRENGTHS = (0.03, 0.1, 0.3)  # target "latent": the latent moves this far (RMS) every window step
 
 
-def run_row(world, inv, edit, config, s, metrics, src, masks, extra_seconds, target="x0"):
+def run_row(world, inv, edit, config, s, metrics, src, masks, extra_seconds, target="x0", extra_evals=0):
+    """One row's edit of one photo and its metrics; ``seconds`` and ``model_evals`` (network evaluations) count what
+    the row costs from the photo, its share of the inversion (``extra_*``) included."""
     from psedit_toy import control_rows as CR
 
     t = time.perf_counter()
-    inv = CR.inversion_for(config, world, inv, s)
-    g = row_guider(config, world, inv, edit, s, masks, target)
-    img = R.sample(world, inv, g)
+    with R.count_evals(world) as counter:
+        if FR.is_flowedit(config):  # no inversion: from the photo's own latent
+            img = FR.sample(world, inv, FR.guider(config, world, inv, s, mask=masks.get("masked_true"), target=target))
+        else:
+            inv = CR.inversion_for(config, world, inv, s)
+            img = R.sample(world, inv, row_guider(config, world, inv, edit, s, masks, target))
     row = metrics.row(edit, src, img)
     row["seconds"] = time.perf_counter() - t + extra_seconds
+    row["model_evals"] = counter.n + extra_evals
     return row, img
 
 
@@ -80,15 +105,21 @@ def row_guider(config, world, inv, edit, s, masks, target):
 
 
 def mean_rows(rows: list[dict], key: str) -> list[dict]:
+    """One row per ``key`` value: each column's mean over its edits, with a 95% bootstrap interval (``_lo``,
+    ``_hi``) for the columns in :data:`INTERVALS`."""
     out = []
     for name in dict.fromkeys(r[key] for r in rows):
         group = [r for r in rows if r[key] == name]
-        agg = {key: name}
-        for c in COLUMNS[1:]:
-            vals = [r[c] for r in group if r.get(c) is not None]
-            agg[c] = float(np.mean(vals)) if vals else None
-        out.append(agg)
+        agg = {key: name, **stats.summarise(group, COLUMNS[1:])}
+        out.append({k: v for k, v in agg.items() if not k.endswith(("_lo", "_hi")) or k[:-3] in INTERVALS})
     return out
+
+
+def with_interval(row: dict, column: str, fmt: str) -> str:
+    """'0.62 [0.44, 0.78]': a table cell with its 95% interval."""
+    if row.get(column) is None:
+        return ""
+    return f"{row[column]:{fmt}} [{row[f'{column}_lo']:{fmt}}, {row[f'{column}_hi']:{fmt}}]"
 
 
 def write_csv(path: Path, rows: list[dict], columns: list[str]) -> None:
@@ -127,27 +158,21 @@ def plot_sweep(rows: list[dict], path: Path) -> None:
     fig.savefig(path)
 
 
-def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--seed", type=int, default=0, help="which held-out scenes and edits")
-    p.add_argument("--n", type=int, default=8, help="how many edits (kinds in turn)")
-    p.add_argument("--out", type=Path, default=Path("bench_out/toy_edit"))
-    p.add_argument("--steps", type=int, default=50)
-    p.add_argument("--sweep-n", type=int, default=4, help="edits in the beta/strength sweep (0: no sweep)")
-    p.add_argument("--configs", nargs="*", default=list(R.CONFIGS))
-    p.add_argument("--perceptual-target", choices=list(TARGETS), default="x0",
-                   help="Perceptual Guidance's target (the node's default is x0)")
-    p.add_argument("--comfyui", default=None)
-    a = p.parse_args()
-    if a.sweep_n > 0:
-        try:
-            import matplotlib  # noqa: F401  (the sweep's plot; checked before an hour of sampling)
-        except ImportError:
-            p.error("the sweep plot needs matplotlib: pip install matplotlib (or pass --sweep-n 0)")
+def world_weights(a: argparse.Namespace) -> Path:
+    """The weights file a run measures: ``--weights`` or the committed file of ``--model``."""
+    return a.weights or (F.WEIGHTS if a.model == "flow" else M.WEIGHTS)
+
+
+def run_edits(a: argparse.Namespace, indices: list[int], threads: int | None = None) -> tuple[list[dict], list[dict]]:
+    """The table's rows (and the sweep's) for the edits numbered ``indices`` of ``make_edits(a.seed, a.n)``: one
+    process's share. Loads ComfyUI and the model itself, so it runs in a worker process as well."""
+    if threads:
+        torch.set_num_threads(threads)
     logging.basicConfig(level=logging.WARNING)
-    a.out.mkdir(parents=True, exist_ok=True)
-    world = R.load_world(a.comfyui)
+    world = R.load_world(a.comfyui, weights=a.weights, family=a.model)
+    version = M.manifest(world_weights(a)).get("data_version")  # the world whose scenes this model was trained on
     import folder_paths
+    from PIL import Image
 
     from psedit_cli.pipeline import nodes
 
@@ -155,12 +180,12 @@ def main() -> None:
     lpips_dirs = nodes()._comfy.lpips_search_dirs()
     folder_paths.add_model_folder_path("vae_approx", str(SHARED_TAESD))
     metrics = R.Metrics(lpips_dirs)
-    s = Settings(steps=a.steps)
-    print(f"# toy_edit: {a.n} edits, seed {a.seed}, {a.steps} steps, perceptual target {a.perceptual_target}, "
-          f"{device_name()}")
+    s = Settings(steps=a.steps, lpips_net=a.lpips_net)
     rows, sweep_rows = [], []
     t_all = time.perf_counter()
-    for i, edit in enumerate(E.make_edits(a.seed, a.n)):
+    edits = E.make_edits(a.seed, a.n, version=version)
+    for i in indices:
+        edit = edits[i]
         src = S.render(edit.source)[0]
         inv = R.invert(world, src, edit.source_caption, edit.edit_caption, s)
         t = time.perf_counter()
@@ -174,33 +199,93 @@ def main() -> None:
             method = "negative-prompt" if config == "negprompt" else (None if config == "ddim_cfg" else "null-text")
             extra = inv.seconds["invert"] + (inv.seconds[method] if method else 0.0)
             extra += mask_seconds if config == "masked_estimated" else 0.0
-            row, img = run_row(world, inv, edit, config, s, metrics, src, masks, extra, a.perceptual_target)
+            evals = inv.evals["invert"] + (inv.evals[method] if method else 0)
+            if FR.is_flowedit(config):
+                extra, evals = 0.0, 0
+            row, img = run_row(world, inv, edit, config, s, metrics, src, masks, extra, a.perceptual_target, evals)
             row.update(config=config, edit=i, kind=edit.kind, source=edit.source_caption, target=edit.edit_caption,
                        mask_iou=iou if config == "masked_estimated" else None)
             rows.append(row)
             images.append(img)
-        from PIL import Image
-
         Image.fromarray(np.concatenate(images, axis=1)).save(a.out / f"edit_{i:02d}_{edit.kind}.png")
         print(f"edit {i} ({edit.kind}: {edit.source_caption!r} -> {edit.edit_caption!r}) "
               f"success {[int(r['edit_success']) for r in rows[-len(a.configs):]]} "
               f"mask IoU {iou:.2f} ({time.perf_counter() - t_all:.0f} s)", flush=True)
         if i < a.sweep_n:
-            variants = [("beta", b, "textopt", Settings(steps=a.steps, beta=b), a.perceptual_target) for b in BETAS]
-            variants += [("strength", v, "perceptual_x0", Settings(steps=a.steps, strength=v), a.perceptual_target)
+            variants = [("beta", b, "textopt", dataclasses.replace(s, beta=b), a.perceptual_target) for b in BETAS]
+            variants += [("strength", v, "perceptual_x0", dataclasses.replace(s, strength=v), a.perceptual_target)
                          for v in STRENGTHS]
-            variants += [("latent strength", v, "perceptual_x0", Settings(steps=a.steps, strength=v), "latent")
+            variants += [("latent strength", v, "perceptual_x0", dataclasses.replace(s, strength=v), "latent")
                          for v in LATENT_STRENGTHS]
             for family, value, config, sv, target in variants:
                 row, _ = run_row(world, inv, edit, config, sv, metrics, src, masks, 0.0, target)
                 row.update(family=family, value=value, edit=i)
                 sweep_rows.append(row)
+    return rows, sweep_rows
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--seed", type=int, default=0, help="which held-out scenes and edits")
+    p.add_argument("--n", type=int, default=32, help="how many edits (kinds in turn)")
+    p.add_argument("--out", type=Path, default=Path("bench_out/toy_edit"))
+    p.add_argument("--steps", type=int, default=50)
+    p.add_argument("--sweep-n", type=int, default=4, help="edits in the beta/strength sweep (0: no sweep)")
+    p.add_argument("--configs", nargs="*", default=None,
+                   help=f"rows (default: {' '.join(R.CONFIGS)}; --model flow adds {' '.join(FR.FLOW_CONFIGS)})")
+    p.add_argument("--perceptual-target", choices=list(TARGETS), default="x0",
+                   help="Perceptual Guidance's target (the node's default is x0)")
+    p.add_argument("--lpips-net", choices=("alex", "squeeze", "vgg"), default="alex",
+                   help="Perceptual Guidance's LPIPS trunk in every perceptual row (the workflows use vgg; alex ranks "
+                   "results as vgg does at 1/15 of the cost per call: benchmarks/lpips_trunks.py)")
+    p.add_argument("--model", choices=("eps", "flow"), default="eps",
+                   help="the eps model or its flow-matching twin (whose default rows add FlowEdit's)")
+    p.add_argument("--weights", type=Path, default=None, help="the model's weights (default: the committed file)")
+    p.add_argument("--jobs", type=int, default=1,
+                   help="processes, each with its own model and one torch thread, sharing the edits (2 on 2 cores)")
+    p.add_argument("--comfyui", default=None)
+    a = p.parse_args()
+    if a.configs is None:
+        a.configs = list(R.CONFIGS) + (list(FR.FLOW_CONFIGS) if a.model == "flow" else [])
+    flowedit = [c for c in a.configs if FR.is_flowedit(c)]
+    if flowedit and a.model != "flow":
+        p.error(f"{', '.join(flowedit)}: FlowEdit runs on flow models only; pass --model flow")
+    if a.sweep_n > 0:
+        try:
+            import matplotlib  # noqa: F401  (the sweep's plot; checked before an hour of sampling)
+        except ImportError:
+            p.error("the sweep plot needs matplotlib: pip install matplotlib (or pass --sweep-n 0)")
+    logging.basicConfig(level=logging.WARNING)
+    a.out.mkdir(parents=True, exist_ok=True)
+    print(f"# toy_edit: {a.n} edits, seed {a.seed}, {a.steps} steps, perceptual target {a.perceptual_target}, "
+          f"guidance LPIPS {a.lpips_net}, {a.jobs} process(es), {device_name()}", flush=True)
+    t_all = time.perf_counter()
+    shares = [list(range(j, a.n, a.jobs)) for j in range(a.jobs)]
+    if a.jobs == 1:
+        rows, sweep_rows = run_edits(a, shares[0])
+    else:  # one process per share of the edits, each with its own ComfyUI and model, one torch thread each
+        import multiprocessing
+        import signal
+        import sys
+
+        # a kill (SIGTERM) leaves the pool's context through SystemExit, which terminates the workers; without this
+        # they go on computing, orphaned, on the cores the next run needs
+        signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
+
+        with multiprocessing.get_context("spawn").Pool(a.jobs) as pool:
+            parts = pool.starmap(run_edits, [(a, share, 1) for share in shares])
+        rows = sorted((r for part in parts for r in part[0]), key=lambda r: (r["edit"], a.configs.index(r["config"])))
+        sweep_rows = sorted((r for part in parts for r in part[1]), key=lambda r: r["edit"])
     table_rows = mean_rows(rows, "config")
-    write_csv(a.out / "table.csv", table_rows, COLUMNS)
+    write_csv(a.out / "table.csv", table_rows, TABLE_COLUMNS)
     write_csv(a.out / "edits.csv", rows, ["edit", "kind", "source", "target", *COLUMNS])
-    md = table(table_rows, [("config", "config", "s"), ("edit_success", "edit success", ".2f"),
-                            ("bg_psnr", "bg PSNR", ".2f"), ("bg_lpips", "bg LPIPS", ".3f"), ("psnr", "PSNR", ".2f"),
-                            ("lpips", "LPIPS", ".3f"), ("mask_iou", "mask IoU", ".2f"), ("seconds", "s/edit", ".1f")])
+    cells = [{**r, **{f"{c}_ci": with_interval(r, c, f) for c, f in (("edit_success", ".2f"), ("bg_psnr", ".2f"),
+                                                                     ("bg_lpips", ".3f"))}} for r in table_rows]
+    md = table(cells, [("config", "config", "s"), ("edit_success_ci", "edit success [95% CI]", "s"),
+                       ("attribute_reached", "attribute reached", ".2f"), ("object_iou", "object IoU", ".2f"),
+                       ("bg_psnr_ci", "bg PSNR [95% CI]", "s"), ("bg_lpips_ci", "bg LPIPS [95% CI]", "s"),
+                       ("psnr", "PSNR", ".2f"), ("mask_iou", "mask IoU", ".2f"), ("seconds", "s/edit", ".1f"),
+                       ("model_evals", "model evals/edit", ".0f")])
     kinds = sorted({r["kind"] for r in rows})
     by_kind = table([{"config": c, **{k: np.mean([r["edit_success"] for r in rows if r["config"] == c
                                                   and r["kind"] == k]) for k in kinds}} for c in a.configs],

@@ -8,7 +8,12 @@
   ``CLIPTextModel`` config, so ``CLIPTextEncode`` drives it and token positions are the real SD1 ones.
 - VAE: the real TAESD (SD1) from ``../shared/weights/taesd`` or ComfyUI's ``models/vae_approx``.
 
-``load()`` returns the three objects from the committed weights (``weights/toy_sd15.safetensors``).
+``load()`` returns the three objects from the committed weights (``weights/toy_sd15.safetensors``), or from any
+weights file, built with the UNet configuration recorded in its manifest (:func:`manifest_path`: the
+``manifest.json`` beside it; ``UNET_CONFIG``, the first model's, when it records none); a file whose manifest says
+``"family": "flow"`` is the flow-matching twin's, handed to :func:`psedit_toy.flow_model.load`. ``UNET_CONFIG_V2``
+(4.2 M parameters) widens the 4x4 level to 128 channels: the level where the caption's colour and shape meet the
+object's layout, at a quarter of the 16x16 level's cost.
 Needs a ComfyUI checkout importable (``comfy`` on ``sys.path``, CPU mode chosen before ``comfy.model_management``).
 """
 
@@ -43,6 +48,8 @@ UNET_CONFIG = dict(
     use_temporal_attention=False, use_temporal_resblock=False, num_heads=-1, num_head_channels=32,
     image_size=16, context_dim=CONTEXT_DIM, adm_in_channels=None,
 )
+UNET_CONFIG_V2 = {**UNET_CONFIG, "channel_mult": [1, 2, 4]}
+ARCHS = {"v1": UNET_CONFIG, "v2": UNET_CONFIG_V2}
 
 
 def _clip_classes():
@@ -71,8 +78,10 @@ def build_clip(dtype: torch.dtype | None = torch.float32):
     return comfy.sd.CLIP(target=target, model_options=options)
 
 
-def build_model(dtype: torch.dtype = torch.float32, manual_cast: torch.dtype | None = None):
-    """An SD1.5-family BaseModel (eps) with ``UNET_CONFIG`` (uninitialised weights) in a ModelPatcher.
+def build_model(dtype: torch.dtype = torch.float32, manual_cast: torch.dtype | None = None,
+                unet_config: dict | None = None):
+    """An SD1.5-family BaseModel (eps) with ``unet_config`` (default ``UNET_CONFIG``; uninitialised weights) in a
+    ModelPatcher.
 
     ``dtype`` is the weights' storage dtype; ``manual_cast`` the compute dtype when it differs (ComfyUI's
     manual cast, what a GPU with fp16 weights and an fp32 compute path takes).
@@ -82,7 +91,7 @@ def build_model(dtype: torch.dtype = torch.float32, manual_cast: torch.dtype | N
     import comfy.model_patcher
     import comfy.supported_models
 
-    config = comfy.supported_models.SD15(dict(UNET_CONFIG))
+    config = comfy.supported_models.SD15(dict(unet_config or UNET_CONFIG))
     config.set_inference_dtype(dtype, manual_cast)
     model = comfy.model_base.BaseModel(config, model_type=comfy.model_base.ModelType.EPS)
     device = comfy.model_management.get_torch_device()
@@ -123,14 +132,22 @@ def split_state_dict(sd: dict[str, torch.Tensor]) -> tuple[dict, dict]:
 
 def load(path: str | Path = WEIGHTS, taesd: str | Path | None = None, dtype: torch.dtype = torch.float32,
          manual_cast: torch.dtype | None = None):
-    """(MODEL, CLIP, VAE) of the trained toy world, as CheckpointLoaderSimple would hand them to a graph."""
+    """(MODEL, CLIP, VAE) of the trained toy world, as CheckpointLoaderSimple would hand them to a graph; the flow
+    twin's (:func:`psedit_toy.flow_model.load`) where the file's manifest says ``"family": "flow"``."""
     from safetensors.torch import load_file
 
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path} is missing: train it with `python -m psedit_toy.train` (see README)")
+    info = manifest(path)
+    if info.get("family", "eps") == "flow":
+        from . import flow_model
+
+        return flow_model.load(path, taesd, dtype, manual_cast)
+    if info.get("text_config", TEXT_CONFIG) != TEXT_CONFIG:
+        raise RuntimeError(f"{path}: its manifest's text_config differs from this version's TEXT_CONFIG")
     unet_sd, text_sd = split_state_dict(load_file(str(path)))
-    patcher = build_model(dtype, manual_cast)
+    patcher = build_model(dtype, manual_cast, info.get("unet_config", UNET_CONFIG))
     missing, unexpected = patcher.model.diffusion_model.load_state_dict(
         {k: v.to(dtype) for k, v in unet_sd.items()}, strict=False)
     if missing or unexpected:
@@ -143,5 +160,15 @@ def load(path: str | Path = WEIGHTS, taesd: str | Path | None = None, dtype: tor
     return patcher, clip, taesd_vae(taesd)
 
 
-def manifest() -> dict:
-    return json.loads(MANIFEST.read_text()) if MANIFEST.is_file() else {}
+def manifest_path(weights: str | Path = WEIGHTS) -> Path:
+    """A weights file's manifest: ``<stem>.json`` beside it where there is one (one per model: the flow twin's
+    ``toy_sd3.json``), else the folder's ``manifest.json`` (the eps model's, as first committed)."""
+    own = Path(weights).with_suffix(".json")
+    return own if own.is_file() else Path(weights).parent / "manifest.json"
+
+
+def manifest(weights: str | Path = WEIGHTS) -> dict:
+    """The manifest of a weights file (:func:`manifest_path`; {} when there is none). ``family`` is "flow" for the
+    flow-matching twin (:mod:`psedit_toy.flow_model`) and absent for the eps model."""
+    path = manifest_path(weights)
+    return json.loads(path.read_text()) if path.is_file() else {}

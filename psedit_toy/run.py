@@ -7,6 +7,7 @@ Perceptual Guidance (window, optional mask) -> SamplerCustomAdvanced (DisableNoi
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import time
 
@@ -38,10 +39,18 @@ class World:
         return pipeline.Models(self.model, self.vae, self.encode)
 
 
-def load_world(comfyui: str | None = None, weights=M.WEIGHTS, **kw) -> World:
-    """ComfyUI (from ``comfyui`` or COMFYUI_PATH) with the pack loaded, and the trained toy model."""
+def load_world(comfyui: str | None = None, weights=None, family: str = "eps", **kw) -> World:
+    """ComfyUI (from ``comfyui`` or COMFYUI_PATH) with the pack loaded, and the trained toy model: the eps model
+    (``family="eps"``) or its flow-matching twin (``"flow"``, :mod:`psedit_toy.flow_model`); ``weights`` defaults
+    to the family's committed file. ``model.load`` reads the family from the file's manifest either way."""
+    from . import flow_model as F
+
+    if family not in ("eps", "flow"):
+        raise ValueError(f"family must be 'eps' or 'flow', got {family!r}")
     pipeline.setup_comfy(comfyui)
-    return World(*M.load(weights, **kw))
+    if family == "flow":
+        return World(*F.load(weights or F.WEIGHTS, **kw))
+    return World(*M.load(weights or M.WEIGHTS, **kw))
 
 
 def to_image(rgb: np.ndarray) -> torch.Tensor:
@@ -66,6 +75,7 @@ class Inverted:
     edit: list
     schedules: dict  # "null-text" / "negative-prompt" -> NULL_SCHEDULE
     seconds: dict  # "invert", "null-text", "negative-prompt"
+    evals: dict = dataclasses.field(default_factory=dict)  # the same phases' network evaluations (batch elements)
 
     def prepared(self, method: str | None) -> pipeline.Prepared:
         if method and method not in self.schedules:
@@ -80,21 +90,48 @@ def invert(world: World, rgb: np.ndarray, source: str, edit: str, s: pipeline.Se
 
     n = pipeline.nodes()
     image = to_image(rgb)
-    seconds = {}
-    with torch.inference_mode():
+    seconds, evals = {}, {}
+    with torch.inference_mode(), count_evals(world) as counter:
         null, src, edt = world.encode(""), world.encode(source), world.encode(edit)
         t = time.perf_counter()
         latent = {"samples": world.vae.encode(image)}
         sigmas = ncs.BasicScheduler().get_sigmas(world.model, s.scheduler, s.steps, 1.0)[0]
         inverted, payload = n.inversion.DDIMInvert.execute(world.model, latent, sigmas, src, 1.0, s.refine)
-        seconds["invert"] = time.perf_counter() - t
+        seconds["invert"], evals["invert"] = time.perf_counter() - t, counter.take()
         schedules = {}
         for method in methods:
             t = time.perf_counter()
             schedules[method] = n.nulltext.NullTextInversion.execute(
                 world.model, payload, null, src, s.gamma, method, s.inner_iterations, 1e-5, 0.01)[0]
-            seconds[method] = time.perf_counter() - t
-    return Inverted(image, sigmas, inverted, payload, null, src, edt, schedules, seconds)
+            seconds[method], evals[method] = time.perf_counter() - t, counter.take()
+    return Inverted(image, sigmas, inverted, payload, null, src, edt, schedules, seconds, evals)
+
+
+class EvalCounter:
+    """Network evaluations (batch elements through the diffusion model) since the last :meth:`take`."""
+
+    def __init__(self):
+        self.n = 0
+
+    def take(self) -> int:
+        n, self.n = self.n, 0
+        return n
+
+
+@contextlib.contextmanager
+def count_evals(world: World):
+    """Count the diffusion model's evaluations (a forward pre-hook: what a row costs in model calls, whatever
+    batches the sampler forms)."""
+    counter = EvalCounter()
+
+    def hook(module, args):  # noqa: ARG001 (hook signature)
+        counter.n += int(args[0].shape[0]) if args else 0
+
+    handle = world.model.model.diffusion_model.register_forward_pre_hook(hook)
+    try:
+        yield counter
+    finally:
+        handle.remove()
 
 
 def edit_mask(world: World, inv: Inverted, probe_end=0.5, blur=1.0, threshold=0.5) -> torch.Tensor:
@@ -131,12 +168,18 @@ def guider(config: str, world: World, inv: Inverted, s: pipeline.Settings, mask:
 
 
 def sample(world: World, inv: Inverted, g) -> np.ndarray:
-    """SamplerCustomAdvanced from the inverted latent (DisableNoise, euler, the same SIGMAS), decoded: uint8."""
+    """SamplerCustomAdvanced from the inverted latent (euler, the same SIGMAS), decoded: uint8. The handover is the
+    workflows': DisableNoise on eps models, PSEdit Inverted Noise on flow models (the flow twin), where a flow
+    sampler's first step would otherwise mix the latent with zero noise."""
     import comfy.samplers
     import comfy_extras.nodes_custom_sampler as ncs
 
     with torch.inference_mode():
-        out = ncs.SamplerCustomAdvanced().sample(ncs.Noise_EmptyNoise(), g, comfy.samplers.sampler_object("euler"),
+        if pipeline.nodes()._comfy.is_flow(world.model):
+            noise = pipeline.nodes().inversion.InvertedNoiseNode.execute(inv.payload)[0]
+        else:
+            noise = ncs.Noise_EmptyNoise()
+        out = ncs.SamplerCustomAdvanced().sample(noise, g, comfy.samplers.sampler_object("euler"),
                                                  inv.sigmas, inv.inverted)[0]
         return to_uint8(world.vae.decode(out["samples"]))
 
@@ -175,6 +218,8 @@ class Metrics:
     def row(self, edit: E.Edit, source: np.ndarray, result: np.ndarray) -> dict:
         outside = ~edit.region()
         lp = self.lpips_map(result, source)
-        return {"edit_success": float(E.succeeded(edit, result)),
+        j = E.judge(edit, result)
+        return {"edit_success": float(j.success), "attribute_reached": float(j.attribute_reached),
+                "object_iou": j.iou,
                 "bg_psnr": E.psnr(result, source, outside), "bg_lpips": float(lp[outside].mean()),
                 "psnr": E.psnr(result, source), "lpips": float(lp.mean())}

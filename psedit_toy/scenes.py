@@ -6,16 +6,23 @@ has an exact right answer: render the edited scene with the same geometry. Pure 
 
 Object colours are saturated (chroma max-min >= 150 of 255) and background colours are not (<= 60), so an object's
 pixels can be found in any image, generated or edited, by chroma alone (:func:`object_mask`).
+
+The world has versions (:data:`WORLDS`): what differs is only how large the random scenes' objects are, so render()
+and the classifiers serve every version. ``toy-scenes-v1`` draws radii 14-28 px; ``toy-scenes-v2`` draws single
+objects of 22-36 px (5.5 to 9 latent cells across instead of 3.5 to 7, so a star's points span whole cells) and pairs
+of 16-26 px (so two still fit). :data:`DATA_VERSION`, the default of every generator here, is the world of the
+committed model (its manifest's ``data_version``), so scenes and weights change together.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import hashlib
+import json
+from pathlib import Path
 
 import numpy as np
 
-DATA_VERSION = "toy-scenes-v1"
 SIZE = 128
 SUPERSAMPLE = 2  # render at 2x and average 2x2 blocks: anti-aliased edges
 
@@ -32,6 +39,38 @@ TEXTURES = ("plain", "striped", "checkered", "gradient", "noisy")
 # colour x shape pairs never shown in training: edits toward them measure generalisation
 HELD_OUT_PAIRS = frozenset({("red", "star"), ("blue", "triangle"), ("green", "circle"), ("yellow", "square")})
 CHROMA_THRESHOLD = 100  # between the backgrounds' <= 60 and the objects' >= 150
+
+
+@dataclasses.dataclass(frozen=True)
+class WorldSpec:
+    """What one version of the world draws: object radius ranges (pixels) in one- and two-object scenes."""
+
+    radius: tuple[float, float]
+    radius_pair: tuple[float, float]
+
+
+WORLDS = {
+    "toy-scenes-v1": WorldSpec(radius=(14, 28), radius_pair=(14, 28)),
+    "toy-scenes-v2": WorldSpec(radius=(22, 36), radius_pair=(16, 26)),
+}
+LATEST = "toy-scenes-v2"
+
+
+COMMITTED_MANIFEST = Path(__file__).resolve().parent / "weights" / "manifest.json"
+
+
+def committed_version(manifest: Path = COMMITTED_MANIFEST) -> str:
+    """The world the committed model was trained on (its manifest's ``data_version``); v1 without a manifest."""
+    try:
+        version = json.loads(manifest.read_text())["data_version"]
+    except (OSError, ValueError, KeyError):
+        return "toy-scenes-v1"
+    if version not in WORLDS:
+        raise ValueError(f"{manifest}: unknown data_version {version!r}; known: {sorted(WORLDS)}")
+    return version
+
+
+DATA_VERSION = committed_version()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -151,18 +190,23 @@ def render(scene: Scene, size: int = SIZE) -> tuple[np.ndarray, list[np.ndarray]
     return image, [pool(v.astype(np.float64)) >= 0.5 for v in visible]
 
 
-def _place(rng: np.random.Generator, placed: list[Obj], colour: str, shape: str) -> Obj | None:
+def _place(rng: np.random.Generator, placed: list[Obj], colour: str, shape: str,
+           radius: tuple[float, float]) -> Obj | None:
     for _ in range(50):
-        r = float(rng.uniform(14, 28))
+        r = float(rng.uniform(*radius))
         cx, cy = (float(rng.uniform(r + 4, SIZE - r - 4)) for _ in range(2))
         if all(np.hypot(cx - p.cx, cy - p.cy) > r + p.r + 6 for p in placed):
             return Obj(colour, shape, round(cx, 2), round(cy, 2), round(r, 2))
     return None
 
 
-def random_scene(rng: np.random.Generator, two_objects: float = 0.25, held_out: bool = False) -> Scene:
-    """A scene whose colour x shape pairs are all held in (training) or, with ``held_out``, the first one held out."""
+def random_scene(rng: np.random.Generator, two_objects: float = 0.25, held_out: bool = False,
+                 version: str | None = None) -> Scene:
+    """A scene whose colour x shape pairs are all held in (training) or, with ``held_out``, the first one held out;
+    object sizes from world ``version`` (default :data:`DATA_VERSION`)."""
+    spec = WORLDS[version or DATA_VERSION]
     n_obj = 2 if rng.random() < two_objects else 1
+    radius = spec.radius if n_obj == 1 else spec.radius_pair
     objs: list[Obj] = []
     colours, shapes = list(OBJECT_COLOURS), list(SHAPES)
     while len(objs) < n_obj:
@@ -172,7 +216,7 @@ def random_scene(rng: np.random.Generator, two_objects: float = 0.25, held_out: 
             colour, shape = colours[rng.integers(len(colours))], shapes[rng.integers(len(shapes))]
             if (colour, shape) in HELD_OUT_PAIRS or any(o.colour == colour for o in objs):
                 continue
-        o = _place(rng, objs, colour, shape)
+        o = _place(rng, objs, colour, shape, radius)
         if o is not None:
             objs.append(o)
     bgs = list(BACKGROUND_COLOURS)
@@ -180,14 +224,15 @@ def random_scene(rng: np.random.Generator, two_objects: float = 0.25, held_out: 
                  int(rng.integers(2**31)))
 
 
-def training_scenes(n: int, seed: int = 0) -> list[Scene]:
+def training_scenes(n: int, seed: int = 0, version: str | None = None) -> list[Scene]:
     rng = np.random.default_rng([seed, 0xC0FFEE])
-    return [random_scene(rng) for _ in range(n)]
+    return [random_scene(rng, version=version) for _ in range(n)]
 
 
-def dataset_digest(scenes: list[Scene]) -> str:
-    """sha256 over the scenes' repr: the manifest's record of exactly which data a model saw."""
-    h = hashlib.sha256(DATA_VERSION.encode())
+def dataset_digest(scenes: list[Scene], version: str | None = None) -> str:
+    """sha256 over the world's version and the scenes' repr: the manifest's record of exactly which data a model
+    saw."""
+    h = hashlib.sha256((version or DATA_VERSION).encode())
     for s in scenes:
         h.update(repr(s).encode())
     return h.hexdigest()

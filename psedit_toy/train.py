@@ -1,13 +1,33 @@
-"""Train the toy world's text-to-image model from scratch on the CPU (resumable).
+"""Train the toy world's text-to-image model from scratch (resumable; CPU, or CUDA when torch sees one).
 
-    COMFYUI_PATH=/path/to/ComfyUI python -m psedit_toy.train            # about 45 min on 2 CPU cores
+    COMFYUI_PATH=/path/to/ComfyUI python -m psedit_toy.train --threads 1 --max-minutes 300   # about 4.5 h here
+    COMFYUI_PATH=/path/to/ComfyUI python -m psedit_toy.train --family flow --steps 18000 --threads 1 --max-minutes 600
 
-Data: ``--scenes`` captioned scenes from :mod:`psedit_toy.scenes` (held-out colour x shape pairs never appear),
-encoded once with the real TAESD into SD1 model-space latents (16x16x4) and cached in ``--work``. Objective: the
-SD1.5 eps loss, ``|| eps - eps_theta(sqrt(a_t) z0 + sqrt(1 - a_t) eps, t, c) ||^2`` with t uniform on SD1.5's
-1000 discrete steps, 10% of captions dropped to "" (classifier-free guidance), UNet and text model trained
-jointly, EMA of the weights kept and saved. A checkpoint is written every ``--save-every`` steps; rerunning the
-command resumes from it. The result is ``psedit_toy/weights/toy_sd15.safetensors`` (fp16) and ``manifest.json``.
+Data: ``--scenes`` captioned scenes of world ``--world`` from :mod:`psedit_toy.scenes` (held-out colour x shape
+pairs never appear), encoded once with the real TAESD into SD1 model-space latents (16x16x4) and cached in
+``--work``. Model: ``--arch`` of :data:`psedit_toy.model.ARCHS`. Objective: the SD1.5 eps loss,
+``w(t) || eps - eps_theta(sqrt(a_t) z0 + sqrt(1 - a_t) eps, t, c) ||^2`` with t uniform on SD1.5's 1000 discrete
+steps, w(t) = min(1, gamma / SNR(t)) (min-SNR weighting, ``--min-snr``: the nearly clean steps stop dominating the
+gradient), eps with a per-channel offset (``--offset-noise``: SD1.5's last step leaves 7% of the latent, so without
+it a model reads the background's brightness from the noise's mean, which at sampling is random), 10% of captions
+dropped to "" (classifier-free guidance), UNet and text model trained jointly, EMA of the weights kept and saved.
+
+``--family flow`` trains the flow-matching twin (:mod:`psedit_toy.flow_model`, ``--arch`` of its ``ARCHS``) on the
+same scenes and latents, with SD3's rectified-flow objective: ``x = (1 - sigma) z0 + sigma eps``, loss
+``|| (eps - z0) - v_theta(x, 1000 sigma, c, pooled) ||^2`` unweighted (SD3's "rf/lognorm": the timestep density does
+the weighting; min-SNR and offset noise do not apply, sigma = 1 being pure noise), ``sigma = shift(u)`` with
+``u = sigmoid(n)``, ``n ~ N(--logit-mean, --logit-std^2)`` (SD3's 0, 1) and ``shift(u) = s u / (1 + (s - 1) u)`` the
+model's own sampling shift (s = 3): the training density is the logit-normal carried through the same shift
+ComfyUI's schedulers sample with (as SD3's trainers index the shifted schedule). The text model is trained through
+both the token sequence and the pooled vector. Peak learning rate 3e-4 (the eps model's 6e-4 is for its UNet). The
+checkpoint records the family: an eps checkpoint never resumes as a flow run. The weights go to
+``psedit_toy/weights/toy_sd3.safetensors`` with their manifest ``toy_sd3.json`` (``"family": "flow"``) beside them.
+
+A checkpoint is written every ``--save-every`` steps and on SIGINT/SIGTERM; rerunning the same command resumes from
+it (with a different ``--steps`` it trains on to the new count). The result is the EMA weights in fp16
+(default ``psedit_toy/weights/toy_sd15.safetensors``) and ``manifest.json`` beside them, which ``model.load`` reads
+the architecture from. Defaults train the v2 model; the first model was ``--world toy-scenes-v1 --arch v1
+--scenes 8000 --steps 5000 --min-snr 0 --offset-noise 0``.
 """
 
 from __future__ import annotations
@@ -19,6 +39,7 @@ import json
 import logging
 import math
 import os
+import signal
 import sys
 import time
 from multiprocessing import Pool
@@ -30,6 +51,12 @@ import torch
 from . import scenes as S
 
 log = logging.getLogger("psedit_toy.train")
+
+# checkpoint settings that must match to resume: they fix the data and the network
+# (checkpoints written before the flow twin have no "family": they are eps)
+FIXED = ("family", "world", "arch", "scenes", "seed", "batch")
+EPS_DEFAULTS = {"arch": "v2", "lr": 6e-4, "min_snr": 5.0, "offset_noise": 0.1}
+FLOW_DEFAULTS = {"lr": 3e-4, "logit_mean": 0.0, "logit_std": 1.0}
 
 
 def _setup_comfy() -> None:
@@ -48,20 +75,27 @@ def _render(scene: S.Scene) -> np.ndarray:
     return S.render(scene)[0]
 
 
-def encode_dataset(vae, scenes: list[S.Scene], batch: int = 64) -> torch.Tensor:
-    """Model-space latents (latent_format.process_in of TAESD's encoding) of every scene, [N, 4, 16, 16]."""
+def encode_dataset(vae, scenes: list[S.Scene], batch: int = 64, workers: int = 1) -> torch.Tensor:
+    """Model-space latents (latent_format.process_in of TAESD's encoding) of every scene, [N, 4, 16, 16], on the CPU.
+
+    ``workers`` > 1 renders in that many processes."""
     import comfy.latent_formats
 
     fmt = comfy.latent_formats.SD15()
     out = []
-    with Pool(2) as pool:
+    pool = Pool(workers) if workers > 1 else None
+    try:
         for i in range(0, len(scenes), batch):
-            imgs = np.stack(pool.map(_render, scenes[i:i + batch]))
+            chunk = scenes[i:i + batch]
+            imgs = np.stack(pool.map(_render, chunk) if pool else [_render(s) for s in chunk])
             with torch.inference_mode():
                 raw = vae.encode(torch.from_numpy(imgs).float() / 255)
-            out.append(fmt.process_in(raw).clone())
+            out.append(fmt.process_in(raw).float().cpu().clone())
             if (i // batch) % 20 == 0:
                 log.info("encoded %d / %d scenes", i + len(imgs), len(scenes))
+    finally:
+        if pool:
+            pool.close()
     return torch.cat(out)
 
 
@@ -91,9 +125,10 @@ def text_forward(text, id_lists: list[list[int]]) -> torch.Tensor:
     from comfy.ldm.modules.attention import optimized_attention_for_device
 
     tm = text.clip_l.transformer.text_model
-    ids = torch.tensor(id_lists, dtype=torch.long)
+    device = tm.embeddings.position_embedding.weight.device
+    ids = torch.tensor(id_lists, dtype=torch.long, device=device)
     x = tm.embeddings.token_embedding(ids, out_dtype=torch.float32) + tm.embeddings.position_embedding.weight
-    mask = torch.full((x.shape[1], x.shape[1]), -torch.finfo(x.dtype).max).triu_(1)
+    mask = torch.full((x.shape[1], x.shape[1]), -torch.finfo(x.dtype).max, device=device).triu_(1)
     attention = optimized_attention_for_device(x.device, mask=True, small_input=True)
     for layer in tm.encoder.layers:
         x = x + layer.self_attn(layer.layer_norm1(x), mask, attention)
@@ -107,158 +142,424 @@ def lr_at(step: int, steps: int, peak: float, warmup: int = 200) -> float:
     return 0.1 * peak + 0.9 * peak * 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(steps - warmup, 1)))
 
 
-def main(argv: list[str] | None = None) -> None:
+def loss_weights(sigma: torch.Tensor, gamma: float) -> torch.Tensor:
+    """min-SNR-gamma weights of the eps loss, min(1, gamma / SNR) with SNR = 1 / sigma^2; ones when gamma is 0."""
+    if gamma <= 0:
+        return torch.ones_like(sigma)
+    return torch.clamp(gamma * sigma**2, max=1.0)
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    from . import flow_model as F
+    from . import model as M
+
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--scenes", type=int, default=8000)
-    p.add_argument("--steps", type=int, default=5000)
+    p.add_argument("--family", default="eps", choices=("eps", "flow"),
+                   help="eps: the SD1.5-family UNet; flow: the SD3-family MMDiT twin (rectified flow)")
+    p.add_argument("--world", default=S.LATEST, choices=sorted(S.WORLDS), help="scene version (object sizes)")
+    p.add_argument("--arch", default=None, choices=sorted({*M.ARCHS, *F.ARCHS}),
+                   help=f"eps: a UNet configuration ({', '.join(sorted(M.ARCHS))}; default {EPS_DEFAULTS['arch']}); "
+                   f"flow: an MMDiT configuration ({', '.join(sorted(F.ARCHS))}; default {F.DEFAULT_ARCH})")
+    p.add_argument("--scenes", type=int, default=10000)
+    p.add_argument("--steps", type=int, default=9000)
     p.add_argument("--batch", type=int, default=64)
-    p.add_argument("--lr", type=float, default=5e-4)
+    p.add_argument("--lr", type=float, default=None,
+                   help=f"peak learning rate (default eps {EPS_DEFAULTS['lr']:g}, flow {FLOW_DEFAULTS['lr']:g})")
+    p.add_argument("--min-snr", type=float, default=None,
+                   help=f"eps: min-SNR gamma of the loss weights (0: unweighted; default {EPS_DEFAULTS['min_snr']:g})")
+    p.add_argument("--offset-noise", type=float, default=None,
+                   help=f"eps: std of the per-channel noise offset (0: none; default {EPS_DEFAULTS['offset_noise']:g})")
+    p.add_argument("--logit-mean", type=float, default=None,
+                   help=f"flow: mean of the logit-normal timestep density (default {FLOW_DEFAULTS['logit_mean']:g})")
+    p.add_argument("--logit-std", type=float, default=None,
+                   help=f"flow: its std (default {FLOW_DEFAULTS['logit_std']:g})")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=os.cpu_count() or 2, help="CPU threads (torch and rendering)")
     p.add_argument("--save-every", type=int, default=250)
-    p.add_argument("--work", type=Path, default=Path("bench_out/toy_train"))
+    p.add_argument("--log-every", type=int, default=250, help="a loss line in the log every this many steps")
+    p.add_argument("--work", type=Path, default=Path("bench_out/toy_train"), help="latent cache and checkpoint")
     p.add_argument("--out", type=Path, default=None, help="weights file (default: psedit_toy/weights/...)")
     p.add_argument("--taesd", type=Path, default=None, help="folder with taesd_{encoder,decoder}.safetensors")
     p.add_argument("--max-minutes", type=float, default=60.0,
-                   help="wall-time budget including the data encoding: training stops at the last checkpoint "
-                   "before it (the manifest records the steps reached)")
+                   help="wall-time budget of this run including the data encoding: training stops at the last "
+                   "checkpoint before it and writes the weights (the manifest records the steps reached); rerun to "
+                   "go on")
     p.add_argument("--export-only", action="store_true",
-                   help="write the weights of the last checkpoint in --work without training further")
-    a = p.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
-    _setup_comfy()
-    from safetensors.torch import save_file
+                   help="write the weights of the last checkpoint in --work (with its settings) without training")
+    return resolve_family(p, p.parse_args(argv))
 
+
+def resolve_family(p: argparse.ArgumentParser, a: argparse.Namespace) -> argparse.Namespace:
+    """Fill the family's defaults (``EPS_DEFAULTS`` / ``FLOW_DEFAULTS``); refuse the other family's options."""
+    from . import flow_model as F
     from . import model as M
 
-    torch.set_num_threads(os.cpu_count() or 2)
-    a.work.mkdir(parents=True, exist_ok=True)
-    out = a.out or M.WEIGHTS
-    wall0 = time.time()
+    own, other, archs = ((EPS_DEFAULTS, FLOW_DEFAULTS, M.ARCHS) if a.family == "eps" else
+                         ({**FLOW_DEFAULTS, "arch": F.DEFAULT_ARCH}, EPS_DEFAULTS, F.ARCHS))
+    foreign = [k for k in other if k not in own and getattr(a, k) is not None]
+    if foreign:
+        p.error(f"--{foreign[0].replace('_', '-')} is not an option of --family {a.family}")
+    for k, v in own.items():
+        if getattr(a, k) is None:
+            setattr(a, k, v)
+    if a.arch not in archs:
+        p.error(f"--arch {a.arch} is not a {a.family} configuration: choose one of {', '.join(sorted(archs))}")
+    return a
 
-    scenes = S.training_scenes(a.scenes, a.seed)
-    digest = S.dataset_digest(scenes)
+
+def describe_device(device: torch.device) -> str:
+    if device.type == "cuda":
+        return f"CUDA ({torch.cuda.get_device_name(device)})"
+    return f"CPU, {torch.get_num_threads()} thread(s)"
+
+
+def load_data(a: argparse.Namespace, M) -> tuple[list[S.Scene], torch.Tensor, str]:
+    """The scenes, their cached (or freshly encoded) latents [N, 4, 16, 16] and the data digest."""
+    t0 = time.time()
+    scenes = S.training_scenes(a.scenes, a.seed, a.world)
+    digest = S.dataset_digest(scenes, a.world)
     data_file = a.work / f"latents_{digest[:12]}.pt"
     if data_file.is_file():
         latents = torch.load(data_file)
     else:
-        latents = encode_dataset(M.taesd_vae(a.taesd), scenes)
+        latents = encode_dataset(M.taesd_vae(a.taesd), scenes, workers=a.threads)
         torch.save(latents, data_file)
-    captions = [S.caption(s) for s in scenes]
-    log.info("data: %d scenes, %d captions, latents std %.3f (%.0f s)", len(scenes), len(set(captions)),
-             latents.std().item(), time.time() - wall0)
+    log.info("data: %s, %d scenes, %d captions, latents std %.3f (%.0f s)", a.world, len(scenes),
+             len({S.caption(s) for s in scenes}), latents.std().item(), time.time() - t0)
+    return scenes, latents, digest
 
-    torch.manual_seed(a.seed)
-    patcher, clip = M.build_model(), M.build_clip()
+
+def build_eps(a: argparse.Namespace, M):
+    """The SD1.5-family UNet and the text model, initialised for training (residual branches at zero)."""
+    patcher, clip = M.build_model(unet_config=M.ARCHS[a.arch]), M.build_clip()
     unet, text = patcher.model.diffusion_model, clip.cond_stage_model
     for module in (unet, text):
         _init(module)
         module.train().requires_grad_(True)
     with torch.no_grad():  # residual branches start at zero (the usual diffusion UNet init)
         for name, prm in unet.named_parameters():
-            if name.endswith("out_layers.3.weight") or name.endswith("proj_out.weight") or name == "out.2.weight":
+            if name.endswith(("out_layers.3.weight", "proj_out.weight")) or name == "out.2.weight":
                 prm.zero_()
-    text.clip_l.logit_scale.requires_grad_(False)
-    params = [q for q in list(unet.parameters()) + list(text.parameters()) if q.requires_grad]
-    opt = torch.optim.AdamW(params, lr=a.lr, weight_decay=0.0)
-    ema_unet, ema_text = copy.deepcopy(unet).requires_grad_(False), copy.deepcopy(text).requires_grad_(False)
+    return patcher, clip
 
-    ema_params = list(ema_unet.parameters()) + list(ema_text.parameters())
-    live_params = list(unet.parameters()) + list(text.parameters())
-    ckpt = a.work / "checkpoint.pt"
-    step, losses, train_seconds = 0, [], 0.0
-    if ckpt.is_file():
-        st = torch.load(ckpt, weights_only=False)
-        unet.load_state_dict(st["unet"])
-        text.load_state_dict(st["text"])
-        ema_unet.load_state_dict(st["ema_unet"])
-        ema_text.load_state_dict(st["ema_text"])
-        opt.load_state_dict(st["opt"])
-        step, losses, train_seconds = st["step"], st["losses"], st["seconds"]
+
+def build_flow(a: argparse.Namespace, M):
+    """The SD3-family MMDiT (adaLN-Zero, :func:`psedit_toy.flow_model.init_weights`) and the text model."""
+    from . import flow_model as F
+
+    patcher, clip = F.build_model(mmdit=F.ARCHS[a.arch]), M.build_clip()
+    F.init_weights(patcher.model.diffusion_model)
+    _init(clip.cond_stage_model)
+    for module in (patcher.model.diffusion_model, clip.cond_stage_model):
+        module.train().requires_grad_(True)
+    return patcher, clip
+
+
+def checkpoint_config(ckpt: Path) -> dict:
+    """The settings a checkpoint was trained with ({} without one); "family" is eps where it predates the flow twin."""
+    if not ckpt.is_file():
+        return {}
+    return {"family": "eps", **torch.load(ckpt, weights_only=False, map_location="cpu", mmap=True).get("config", {})}
+
+
+class Trainer:
+    """The networks (``unet`` is the denoiser: the UNet, or the flow twin's MMDiT), their EMA, the optimiser and the
+    training state; checkpoints to ``work/checkpoint.pt``."""
+
+    def __init__(self, a: argparse.Namespace, M, device: torch.device):
+        self.a, self.device = a, device
+        torch.manual_seed(a.seed)
+        self.patcher, self.clip = (build_flow if a.family == "flow" else build_eps)(a, M)
+        self.unet, self.text = self.patcher.model.diffusion_model, self.clip.cond_stage_model
+        self.text.clip_l.logit_scale.requires_grad_(False)
+        self.params = [q for q in list(self.unet.parameters()) + list(self.text.parameters()) if q.requires_grad]
+        self.opt = torch.optim.AdamW(self.params, lr=a.lr, weight_decay=0.0)
+        self.ema_unet = copy.deepcopy(self.unet).requires_grad_(False)
+        self.ema_text = copy.deepcopy(self.text).requires_grad_(False)
+        self.step, self.losses, self.seconds = 0, [], 0.0
+        self.ckpt = a.work / "checkpoint.pt"
+        self.trained_on = ""  # describe_device() of the runs that trained it
+
+    def config(self) -> dict:
+        a = self.a
+        common = {"family": a.family, "world": a.world, "arch": a.arch, "scenes": a.scenes, "seed": a.seed,
+                  "batch": a.batch, "steps": a.steps, "lr": a.lr}
+        if a.family == "flow":
+            return {**common, "logit_mean": a.logit_mean, "logit_std": a.logit_std}
+        return {**common, "min_snr": a.min_snr, "offset_noise": a.offset_noise}
+
+    def resume(self) -> None:
+        """Load the checkpoint if there is one; its data and network settings must equal this run's."""
+        if not self.ckpt.is_file():
+            return
+        st = torch.load(self.ckpt, weights_only=False, map_location="cpu")
+        saved = {"family": "eps", **st.get("config", {})}
+        wrong = {k: (saved.get(k), getattr(self.a, k)) for k in FIXED if k in saved and saved[k] != getattr(self.a, k)}
+        if wrong:
+            raise SystemExit(f"{self.ckpt} was trained with other settings (checkpoint, now): {wrong}; use another "
+                             "--work or the same settings")
+        changed = {k: v for k, v in saved.items() if k not in FIXED and v != self.config()[k]}
+        if changed:
+            log.warning("resuming with changed settings (checkpoint had %s)", changed)
+        for name in ("unet", "text", "ema_unet", "ema_text", "opt"):
+            getattr(self, name).load_state_dict(st[name])
+        self.step, self.losses, self.seconds = st["step"], st["losses"], st["seconds"]
+        self.trained_on = st.get("trained_on", "")
         torch.set_rng_state(st["rng"])
-        log.info("resumed at step %d", step)
-    if a.export_only:
-        a.steps = step
+        log.info("resumed at step %d of %d from %s", self.step, self.a.steps, self.ckpt)
 
-    ids = {c: token_ids(clip, c) for c in sorted(set(captions)) + [""]}
-    with torch.no_grad():
-        probe = [ids[captions[0]], ids[""]]
-        err = (text_forward(text, probe) - text.clip_l(probe)[0]).abs().max().item()
-    if err > 1e-4:
-        raise RuntimeError(f"training text forward differs from ComfyUI's by {err:.2e}")
-    sigmas = patcher.model.model_sampling.sigmas.float()  # SD1.5's 1000 discrete sigmas
+    def to(self, device: torch.device) -> None:
+        for module in (self.unet, self.text, self.ema_unet, self.ema_text):
+            module.to(device)
+        for state in self.opt.state.values():
+            for k, v in state.items():
+                if torch.is_tensor(v) and k != "step":
+                    state[k] = v.to(device)
+
+    def save(self) -> None:
+        st = {name: getattr(self, name).state_dict() for name in ("unet", "text", "ema_unet", "ema_text", "opt")}
+        st.update(step=self.step, losses=self.losses, seconds=self.seconds, rng=torch.get_rng_state(),
+                  config=self.config(), trained_on=self.trained_on)
+        torch.save(st, self.ckpt.with_suffix(".tmp"))
+        os.replace(self.ckpt.with_suffix(".tmp"), self.ckpt)
+
+
+class _Stop:
+    """Set by SIGINT / SIGTERM: the loop checkpoints and exits at the end of the current step."""
+
+    def __init__(self):
+        self.signal = None
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, self._set)
+
+    def _set(self, signum, frame):  # noqa: ARG002 (signal handler signature)
+        self.signal = signum
+
+
+def _progress(a: argparse.Namespace, initial: int):
     try:
         from tqdm import tqdm
-
-        bar = tqdm(total=a.steps, initial=step, desc="toy training", dynamic_ncols=True)
     except ImportError:
-        bar = None
-    n = len(scenes)
-    t_last = time.time()
-    budget_end, start_step, loop_start = wall0 + 60 * a.max_minutes, step, time.time()
-    stopped_early = False
-    while step < a.steps:
-        per_step = (time.time() - loop_start) / max(step - start_step, 1)
-        if step > start_step and step % a.save_every == 0 and time.time() + per_step * a.save_every > budget_end:
-            stopped_early = True  # the next checkpoint would land past the budget
-            log.warning("stopping at step %d of %d: the %.0f-minute budget would run out before the next "
-                        "checkpoint", step, a.steps, a.max_minutes)
-            break
-        idx = torch.randint(0, n, (a.batch,))
-        z0 = latents[idx]
-        caps = [captions[i] if torch.rand(()) > 0.1 else "" for i in idx.tolist()]
+        return None
+    interval = 0.1 if sys.stderr.isatty() else 30.0  # a log file gets a bar line every 30 s, not every step
+    return tqdm(total=a.steps, initial=initial, desc="toy training", dynamic_ncols=True, mininterval=interval)
+
+
+def eps_objective(sigmas: torch.Tensor):
+    """``objective(tr, z0, id_lists) -> (loss, per-sample MSE)`` of the eps model: min-SNR-weighted eps MSE at t
+    uniform on SD1.5's 1000 discrete ``sigmas`` (module docstring). Its draws (t, eps, offset) come from the CPU
+    generator after the batch's, in the order the first models drew them."""
+
+    def objective(tr: Trainer, z0: torch.Tensor, id_lists: list[list[int]]):
+        a, dev = tr.a, tr.device
         t = torch.randint(0, 1000, (a.batch,))
-        sigma = sigmas[t]
-        eps = torch.randn_like(z0)
+        eps = torch.randn(a.batch, *z0.shape[1:])
+        if a.offset_noise:
+            eps = eps + a.offset_noise * torch.randn(a.batch, z0.shape[1], 1, 1)
+        sigma, eps = sigmas[t].to(dev), eps.to(dev)
         x_in = (z0 + sigma[:, None, None, None] * eps) / torch.sqrt(1 + sigma**2)[:, None, None, None]
-        ctx = text_forward(text, [ids[c] for c in caps])
-        pred = unet(x_in, t.float(), context=ctx)
-        loss = torch.nn.functional.mse_loss(pred, eps)
-        for g in opt.param_groups:
-            g["lr"] = lr_at(step, a.steps, a.lr)
-        opt.zero_grad(set_to_none=True)
+        pred = tr.unet(x_in, t.float().to(dev), context=text_forward(tr.text, id_lists))
+        mse = (pred.float() - eps).square().mean(dim=(1, 2, 3))
+        return (loss_weights(sigma, a.min_snr) * mse).mean(), mse
+
+    return objective
+
+
+def flow_sigmas(n: torch.Tensor, sampling, mean: float, std: float) -> torch.Tensor:
+    """``sigma = shift(sigmoid(mean + std n))``: logit-normal times carried through the model's own shift
+    (``ModelSamplingDiscreteFlow.sigma``, ``shift(u) = s u / (1 + (s - 1) u)``), as its schedulers place steps."""
+    return sampling.sigma(torch.sigmoid(mean + std * n) * sampling.multiplier)
+
+
+def text_and_pooled(text, id_lists: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+    """The token sequence (:func:`text_forward`) and the pooled vector ``SDClipModel`` returns beside it with
+    ``return_projected_pooled=False``: the hidden state at the first end-of-text token."""
+    from . import flow_model as F
+
+    hidden = text_forward(text, id_lists)
+    at = torch.tensor([F.pooled_index(ids) for ids in id_lists], device=hidden.device)
+    return hidden, hidden[torch.arange(len(id_lists), device=hidden.device), at]
+
+
+def flow_objective(sampling):
+    """``objective(tr, z0, id_lists) -> (loss, per-sample MSE)`` of the flow twin: unweighted velocity MSE
+    ``|| (eps - z0) - v(x, 1000 sigma, c, pooled) ||^2`` at ``x = (1 - sigma) z0 + sigma eps`` (ComfyUI's
+    ``CONST.noise_scaling``), sigma from :func:`flow_sigmas`. Draws: the logit-normal n, then eps (CPU generator)."""
+
+    def objective(tr: Trainer, z0: torch.Tensor, id_lists: list[list[int]]):
+        a, dev = tr.a, tr.device
+        sigma = flow_sigmas(torch.randn(a.batch), sampling, a.logit_mean, a.logit_std).to(dev)
+        eps = torch.randn(a.batch, *z0.shape[1:]).to(dev)
+        x = sampling.noise_scaling(sigma, eps, z0)
+        context, pooled = text_and_pooled(tr.text, id_lists)
+        v = tr.unet(x, sampling.timestep(sigma), context=context, y=pooled)
+        mse = (v.float() - (eps - z0)).square().mean(dim=(1, 2, 3))
+        return mse.mean(), mse
+
+    return objective
+
+
+def train(tr: Trainer, latents: torch.Tensor, captions: list[str], ids: dict, objective, budget_end: float) -> str:
+    """Train to ``a.steps`` on ``objective`` (:func:`eps_objective`, :func:`flow_objective`); returns why it stopped:
+    "done", "budget" or "signal"."""
+    a, dev = tr.a, tr.device
+    live = list(tr.unet.parameters()) + list(tr.text.parameters())
+    ema = list(tr.ema_unet.parameters()) + list(tr.ema_text.parameters())
+    stop, bar, n = _Stop(), _progress(a, tr.step), len(captions)
+    start_step, loop_start, t_last = tr.step, time.time(), time.time()
+    latents_dev = latents.to(dev)
+    while tr.step < a.steps:
+        per_step = (time.time() - loop_start) / max(tr.step - start_step, 1)
+        if (tr.step > start_step and tr.step % a.save_every == 0
+                and time.time() + per_step * a.save_every > budget_end):
+            log.warning("stopping at step %d of %d: the %.0f-minute budget would run out before the next "
+                        "checkpoint", tr.step, a.steps, a.max_minutes)
+            return "budget"
+        idx = torch.randint(0, n, (a.batch,))  # every random draw on the CPU generator: resumable, device-free
+        caps = [captions[i] if torch.rand(()) > 0.1 else "" for i in idx.tolist()]
+        loss, mse = objective(tr, latents_dev[idx.to(dev)], [ids[c] for c in caps])
+        for g in tr.opt.param_groups:
+            g["lr"] = lr_at(tr.step, a.steps, a.lr)
+        tr.opt.zero_grad(set_to_none=True)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        decay = min(0.999, (1 + step) / (10 + step))
+        torch.nn.utils.clip_grad_norm_(tr.params, 1.0)
+        tr.opt.step()
+        decay = min(0.999, (1 + tr.step) / (10 + tr.step))
         with torch.no_grad():
-            torch._foreach_lerp_(ema_params, live_params, 1 - decay)
-        losses.append(loss.item())
-        step += 1
+            torch._foreach_lerp_(ema, live, 1 - decay)
+        tr.losses.append(mse.mean().item())  # the plain eps (flow: velocity) MSE, comparable across weightings
+        tr.step += 1
         now = time.time()
-        train_seconds += now - t_last
+        tr.seconds += now - t_last
         t_last = now
         if bar is not None:
             bar.update(1)
-            bar.set_postfix(loss=f"{np.mean(losses[-100:]):.4f}")
-        if step % a.save_every == 0 or step == a.steps:
-            torch.save({"unet": unet.state_dict(), "text": text.state_dict(), "ema_unet": ema_unet.state_dict(),
-                        "ema_text": ema_text.state_dict(), "opt": opt.state_dict(), "step": step, "losses": losses,
-                        "seconds": train_seconds, "rng": torch.get_rng_state()}, ckpt.with_suffix(".tmp"))
-            os.replace(ckpt.with_suffix(".tmp"), ckpt)
-            if bar is None:
-                log.info("step %d loss %.4f", step, np.mean(losses[-100:]))
+            bar.set_postfix(loss=f"{np.mean(tr.losses[-100:]):.4f}", refresh=False)
+        if tr.step % a.log_every == 0:
+            log.info("step %d / %d  loss %.4f  %.2f s/step  lr %.2e", tr.step, a.steps,
+                     np.mean(tr.losses[-a.log_every:]), (now - loop_start) / (tr.step - start_step), lr_at(
+                         tr.step, a.steps, a.lr))
+        if tr.step % a.save_every == 0 or tr.step == a.steps or stop.signal:
+            tr.save()
+        if stop.signal:
+            log.warning("signal %d: checkpoint at step %d written to %s; rerun the command to resume",
+                        stop.signal, tr.step, tr.ckpt)
+            return "signal"
     if bar is not None:
         bar.close()
+    return "done"
 
-    sd = {f"model.diffusion_model.{k}": v.half().contiguous() for k, v in ema_unet.state_dict().items()}
-    sd.update({f"cond_stage_model.{k}": v.half().contiguous() for k, v in ema_text.state_dict().items()})
+
+def objective_manifest(a: argparse.Namespace, sampling) -> dict:
+    """The manifest's record of the loss: eps (as the first model's manifest has it) or flow."""
+    if a.family == "eps":
+        return {"loss": "eps MSE (unweighted), mean of the last 100 steps", "min_snr_gamma": a.min_snr,
+                "offset_noise": a.offset_noise}
+    return {"loss": "velocity MSE (eps - z0, unweighted), mean of the last 100 steps",
+            "objective": "rectified flow (SD3): x = (1 - sigma) z0 + sigma eps, v-MSE; sigma = shift(sigmoid(n)), "
+            "n ~ N(logit_mean, logit_std^2)", "logit_mean": a.logit_mean, "logit_std": a.logit_std,
+            "shift": float(sampling.shift)}
+
+
+def network_manifest(a: argparse.Namespace, M) -> dict:
+    if a.family == "eps":
+        return {"unet_config": M.ARCHS[a.arch]}
+    from . import flow_model as F
+
+    return {"model": "comfy.supported_models.SD3 (MMDiT, CONST, ModelSamplingDiscreteFlow) on SD15 latents",
+            "pooled_output": "SDClipModel's, unprojected: the final-layer-normed hidden state at the first EOS token",
+            "mmdit_config": F.ARCHS[a.arch]}
+
+
+def manifest_file(a: argparse.Namespace, out: Path) -> Path:
+    """Where the manifest goes: ``manifest.json`` for the eps model (as first committed), ``<stem>.json`` for the
+    flow twin (``psedit_toy.model.manifest`` reads either)."""
+    return out.parent / "manifest.json" if a.family == "eps" else out.with_suffix(".json")
+
+
+def export(tr: Trainer, out: Path, digest: str, stopped: str, argv: list[str] | None) -> dict:
+    """The EMA weights in fp16 at ``out`` and their manifest beside them (:func:`manifest_file`)."""
+    from safetensors.torch import save_file
+
+    from . import model as M
+
+    a, losses = tr.a, tr.losses
+    sd = {f"model.diffusion_model.{k}": v.half().cpu().contiguous() for k, v in tr.ema_unet.state_dict().items()}
+    sd.update({f"cond_stage_model.{k}": v.half().cpu().contiguous() for k, v in tr.ema_text.state_dict().items()})
     out.parent.mkdir(parents=True, exist_ok=True)
-    save_file(sd, str(out), metadata={"format": "pt", "psedit_toy": S.DATA_VERSION})
+    save_file(sd, str(out), metadata={"format": "pt", "psedit_toy": a.world})
     sha = hashlib.sha256(out.read_bytes()).hexdigest()
     manifest = {
+        **({"family": a.family} if a.family != "eps" else {}),  # (the eps manifest as first committed: no family)
         "file": out.name, "sha256": sha, "bytes": out.stat().st_size, "dtype": "float16 (EMA 0.999 weights)",
-        "data_version": S.DATA_VERSION, "data_sha256": digest, "scenes": a.scenes, "seed": a.seed,
+        "data_version": a.world, "data_sha256": digest, "scenes": a.scenes, "seed": a.seed,
         "held_out_pairs": sorted(map(list, S.HELD_OUT_PAIRS)), "steps": a.steps, "batch": a.batch, "lr": a.lr,
+        **objective_manifest(a, tr.patcher.model.model_sampling), "arch": a.arch,
         "final_loss_mean_last_100": float(np.mean(losses[-100:])), "loss_curve_every_250": [
             float(np.mean(losses[max(0, i - 100):i])) for i in range(250, len(losses) + 1, 250)],
-        "train_seconds": round(train_seconds, 1), "cpu_threads": torch.get_num_threads(),
-        "steps_reached": step, "stopped_by_budget": stopped_early,
-        "unet_config": M.UNET_CONFIG, "text_config": M.TEXT_CONFIG, "taesd": "madebyollin/taesd SD1 (real)",
+        "train_seconds": round(tr.seconds, 1), "device": tr.trained_on,
+        "steps_reached": tr.step, "stopped_by_budget": stopped == "budget",
+        **network_manifest(a, M), "text_config": M.TEXT_CONFIG, "taesd": "madebyollin/taesd SD1 (real)",
         "command": "python -m psedit_toy.train " + " ".join(argv if argv is not None else sys.argv[1:]),
     }
-    (out.parent / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
+    manifest_file(a, out).write_text(json.dumps(manifest, indent=2) + "\n")
     log.info("wrote %s (%.1f MB, sha256 %s), final loss %.4f, %.0f s training", out, out.stat().st_size / 1e6,
-             sha[:12], manifest["final_loss_mean_last_100"], train_seconds)
+             sha[:12], manifest["final_loss_mean_last_100"], tr.seconds)
+    return manifest
+
+
+def main(argv: list[str] | None = None) -> None:
+    a = parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    torch.set_num_threads(a.threads)
+    _setup_comfy()
+    from . import model as M
+
+    wall0 = time.time()
+    a.work.mkdir(parents=True, exist_ok=True)
+    if a.export_only:  # the checkpoint's settings (family and network included) before building the network
+        saved = checkpoint_config(a.work / "checkpoint.pt")
+        if not saved:
+            raise SystemExit(f"--export-only: no checkpoint in {a.work}")
+        vars(a).update(saved)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    tr = Trainer(a, M, device)
+    tr.resume()
+    if a.export_only:
+        a.steps = tr.step
+    log.info("training on %s: %s model, world %s, arch %s (%.2f M %s parameters), %d steps of batch %d",
+             describe_device(device), a.family, a.world, a.arch, sum(p.numel() for p in tr.unet.parameters()) / 1e6,
+             "MMDiT" if a.family == "flow" else "UNet", a.steps, a.batch)
+    scenes, latents, digest = load_data(a, M)
+    captions = [S.caption(s) for s in scenes]
+    ids = {c: token_ids(tr.clip, c) for c in sorted(set(captions)) + [""]}
+    check_text_forward(tr, [ids[captions[0]], ids[""]])
+    tr.to(device)
+    sampling = tr.patcher.model.model_sampling
+    if a.family == "flow":
+        from . import flow_model as F
+
+        objective, default_out = flow_objective(sampling), F.WEIGHTS
+    else:
+        objective, default_out = eps_objective(sampling.sigmas.float().cpu()), M.WEIGHTS  # SD1.5's 1000 sigmas
+    stopped = "done"
+    if tr.step < a.steps:
+        here = describe_device(device)
+        tr.trained_on = here if tr.trained_on in ("", here) else f"{tr.trained_on}; then {here}"
+        stopped = train(tr, latents, captions, ids, objective, wall0 + 60 * a.max_minutes)
+    if stopped != "signal":
+        export(tr, a.out or default_out, digest, stopped, argv)
+
+
+def check_text_forward(tr: Trainer, probe: list[list[int]]) -> None:
+    """Raise unless the training text forward gives what ComfyUI's ``SDClipModel`` gives: the token sequence, and
+    for the flow twin the pooled vector too."""
+    with torch.no_grad():
+        ours, theirs = text_and_pooled(tr.text, probe), tr.text.clip_l(probe)
+        parts = 2 if tr.a.family == "flow" else 1
+        err = max((ours[i] - theirs[i]).abs().max().item() for i in range(parts))
+    if err > 1e-4:
+        raise RuntimeError(f"training text forward differs from ComfyUI's by {err:.2e}")
 
 
 if __name__ == "__main__":

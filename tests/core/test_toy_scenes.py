@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 
@@ -70,3 +71,76 @@ def test_committed_weights_match_their_manifest():
     assert manifest["sha256"] == hashlib.sha256(WEIGHTS.read_bytes()).hexdigest()
     assert WEIGHTS.stat().st_size == manifest["bytes"] < 40e6
     assert manifest["data_sha256"] == S.dataset_digest(S.training_scenes(manifest["scenes"], manifest["seed"]))
+
+
+def test_v2_world_draws_larger_objects_that_the_classifiers_read():
+    rng = np.random.default_rng(7)
+    for _ in range(40):
+        s = S.random_scene(rng, two_objects=0.0, version="toy-scenes-v2")
+        o = s.objects[0]
+        assert 22 <= o.r <= 36, s
+        assert S.classify_object(S.render(s)[0]) == (o.colour, o.shape), s
+    scenes = S.training_scenes(300, 0, "toy-scenes-v2")
+    assert all(16 <= o.r <= 26 for s in scenes if len(s.objects) == 2 for o in s.objects)
+    assert 0.15 < np.mean([len(s.objects) == 2 for s in scenes]) < 0.35
+    v1 = S.training_scenes(50, 0, "toy-scenes-v1")
+    assert S.dataset_digest(v1, "toy-scenes-v1") != S.dataset_digest(v1, "toy-scenes-v2")
+
+
+def test_the_default_world_is_the_committed_models(tmp_path):
+    assert S.DATA_VERSION == S.committed_version() == json.loads(MANIFEST.read_text())["data_version"]
+    assert S.committed_version(tmp_path / "missing.json") == "toy-scenes-v1"
+    (tmp_path / "manifest.json").write_text(json.dumps({"data_version": "toy-scenes-v2"}))
+    assert S.committed_version(tmp_path / "manifest.json") == "toy-scenes-v2"
+
+
+def _paint(img: np.ndarray, mask: np.ndarray, rgb) -> np.ndarray:
+    out = img.copy()
+    out[mask] = rgb
+    return out
+
+
+def test_success_means_the_asked_attribute_and_nothing_else():
+    edits = E.make_edits(3, 16)
+    for e in edits:
+        j = E.judge(e, S.render(e.target)[0])
+        assert j.success and j.attribute_reached and j.others_kept and j.iou > 0.85, (e, j)  # edges: >= 0.90
+        assert not E.judge(e, S.render(e.source)[0]).success, e
+    colour = next(e for e in edits if e.kind == "colour")
+    o = colour.target.objects[0]
+    # the asked colour, but the object moved away: no success (the old test, reading near the source, fails it too)
+    moved = dataclasses.replace(colour.target, objects=(dataclasses.replace(o, cx=S.SIZE - o.cx, cy=S.SIZE - o.cy),))
+    j = E.judge(colour, S.render(moved)[0])
+    assert not j.success and (j.iou < E.IOU_THRESHOLD or np.hypot(2 * o.cx - S.SIZE, 2 * o.cy - S.SIZE) < 8), j
+    # the asked colour on a blob twice the size (the 'large red blob'): the attribute is reached, the edit is not
+    j = E.judge(colour, S.render(colour.target.replace_object(r=o.r * 2))[0])
+    assert j.attribute_reached and j.iou < 0.4 and not j.success, j
+    # the asked colour on a changed background (the 'yellow blob on gray' failure): not a success
+    other_bg = next(b for b in S.BACKGROUND_COLOURS if b != colour.target.background)
+    j = E.judge(colour, S.render(dataclasses.replace(colour.target, background=other_bg))[0])
+    assert j.attribute_reached and not j.others_kept and not j.success, j
+    # the asked colour, another shape: not a success
+    other_shape = next(s for s in S.SHAPES if s != o.shape)
+    j = E.judge(colour, S.render(colour.target.replace_object(shape=other_shape))[0])
+    assert j.attribute_reached and not j.others_kept and not j.success, j
+    # shrunk to half its size: the place-and-size test fails it
+    j = E.judge(colour, S.render(colour.target.replace_object(r=o.r * 0.5))[0])
+    assert j.iou < 0.5 and not j.success, j
+
+
+def test_bootstrap_interval_covers_the_mean_and_narrows_with_more_edits():
+    from psedit_toy import stats
+
+    rng = np.random.default_rng(0)
+    small, large = rng.random(8) < 0.5, rng.random(128) < 0.5
+    lo8, hi8 = stats.bootstrap_ci(small)
+    lo128, hi128 = stats.bootstrap_ci(large)
+    assert lo8 <= small.mean() <= hi8 and lo128 <= large.mean() <= hi128
+    assert hi128 - lo128 < 0.6 * (hi8 - lo8)
+    # a success rate of 16/32 has a 95% interval about +-0.17 wide (binomial: 1.96 * sqrt(0.25 / 32) = 0.173)
+    lo, hi = stats.bootstrap_ci([1.0] * 16 + [0.0] * 16)
+    assert 0.30 <= lo <= 0.35 and 0.65 <= hi <= 0.70, (lo, hi)  # steps of 1/32
+    assert stats.bootstrap_ci([3.0]) == (3.0, 3.0)
+    s = stats.summarise([{"a": 1.0, "b": None}, {"a": 0.0, "b": 2.0}], ["a", "b"])
+    assert s["a"] == 0.5 and s["b"] == s["b_lo"] == s["b_hi"] == 2.0
+    assert stats.summarise([{"a": None}], ["a"]) == {"a": None, "a_lo": None, "a_hi": None}

@@ -63,7 +63,7 @@ def test_triple_guidance_reaches_the_edit_colour_where_beta_0_does_not(world, re
         inv = R.invert(world, src, edit.source_caption, edit.edit_caption, s, methods=("null-text",))
         for beta in hits:  # over every step: beta 0 is then CFG on the source caption, the photo back
             g = R.guider("textopt", world, inv, Settings(steps=STEPS, beta=beta, text_window=(0.0, 1.0)))
-            hits[beta] += E.succeeded(edit, R.sample(world, inv, g))
+            hits[beta] += E.attribute_reached(edit, R.sample(world, inv, g))
     record_property("hits", hits)
     # measured (20 steps, triple guidance on every step): beta 0 -> 0 of 4, 3 -> 0, 7.5 -> 4, 12 -> 4. On this
     # model beta must reach gamma; the workflow's beta 3 edits because CFG on the edit caption follows its window.

@@ -1,0 +1,61 @@
+"""The toy world's flow-matching twin, the parts that need no ComfyUI: which manifest a weights file has, the
+training script's family options (psedit_toy.model / train / flow_model import no ``comfy`` at module level)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+
+import pytest
+
+from psedit_toy import flow_model as F
+from psedit_toy import model as M
+from psedit_toy import scenes as S
+from psedit_toy import train as T
+
+
+def test_each_weights_file_finds_its_own_manifest(tmp_path):
+    (tmp_path / "manifest.json").write_text(json.dumps({"file": "toy_sd15.safetensors"}))
+    (tmp_path / "toy_sd3.json").write_text(json.dumps({"family": "flow", "file": "toy_sd3.safetensors"}))
+    assert M.manifest(tmp_path / "toy_sd3.safetensors")["family"] == "flow"
+    assert M.manifest(tmp_path / "toy_sd15.safetensors") == {"file": "toy_sd15.safetensors"}  # the first layout
+    assert M.manifest(tmp_path / "elsewhere" / "x.safetensors") == {}
+    assert M.manifest_path(M.WEIGHTS) == M.MANIFEST  # the committed eps model keeps its manifest.json
+
+
+def test_training_defaults_follow_the_family():
+    eps = T.parse_args([])
+    assert (eps.family, eps.arch, eps.lr, eps.min_snr, eps.offset_noise) == ("eps", "v2", 6e-4, 5.0, 0.1)
+    assert eps.logit_mean is None and eps.logit_std is None
+    flow = T.parse_args(["--family", "flow"])
+    assert (flow.arch, flow.lr, flow.logit_mean, flow.logit_std) == (F.DEFAULT_ARCH, 3e-4, 0.0, 1.0)
+    assert flow.min_snr is None and flow.offset_noise is None
+    assert "family" in T.FIXED  # an eps checkpoint never resumes as a flow run, nor the reverse
+
+
+@pytest.mark.parametrize("argv", [["--family", "flow", "--min-snr", "5"], ["--family", "flow", "--arch", "v2"],
+                                  ["--logit-std", "1"], ["--arch", F.DEFAULT_ARCH]])
+def test_options_of_the_other_family_are_refused(argv, capsys):
+    with pytest.raises(SystemExit):
+        T.parse_args(argv)
+    assert "family" in capsys.readouterr().err
+
+
+def test_flow_archs_are_sd3_shaped_on_four_channels():
+    for config in F.ARCHS.values():
+        assert config["in_channels"] == config["out_channels"] == 4 and config["patch_size"] == 2
+        assert config["context_embedder_config"]["params"]["in_features"] == M.CONTEXT_DIM
+        assert config["adm_in_channels"] == M.TEXT_CONFIG["hidden_size"]  # the unprojected EOS hidden state
+    assert F.pooled_index([49406, 320, 1579, 49407, 49407]) == 3
+
+
+def test_committed_flow_weights_match_their_manifest():
+    if not F.WEIGHTS.is_file():
+        pytest.skip("the flow twin's weights are not committed yet (python -m psedit_toy.train --family flow)")
+    manifest = M.manifest(F.WEIGHTS)
+    assert manifest["family"] == "flow" and manifest["file"] == F.WEIGHTS.name
+    assert manifest["sha256"] == hashlib.sha256(F.WEIGHTS.read_bytes()).hexdigest()
+    assert F.WEIGHTS.stat().st_size == manifest["bytes"] < 40e6
+    world = manifest["data_version"]
+    assert manifest["data_sha256"] == S.dataset_digest(S.training_scenes(manifest["scenes"], manifest["seed"], world),
+                                                       world)
