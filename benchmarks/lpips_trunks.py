@@ -7,10 +7,10 @@ the table, 128 px side by side), and scores every result against its source phot
 SqueezeNet and VGG16 trunks (the real weights in ``../shared/weights/lpips``), over the whole image (the grids do
 not carry the edit region). Prints, per trunk, Spearman's rank correlation with
 VGG over all results and within each edit (does it order the rows of one edit as VGG does), and milliseconds per
-call. On the 72 results of the toy world's P2P / PnP rows (8 edits, 9 rows): alex 0.866 over all, 0.896 within an edit,
-15 ms; squeeze 0.911 / 0.873, 14 ms; vgg 235 ms. The toy tables use alex, for their metric (as before) and, in place
-of the workflows' vgg, for Perceptual Guidance (``toy_edit.py --lpips-net``): the within-edit order is what guidance
-acts on, and there alex agrees best.
+call. On the 72 results of the toy world's P2P / PnP rows (8 edits, 9 rows): alex 0.866 over all, 0.896 within an edit;
+squeeze 0.911 / 0.873. On the 256 results of the first 32-edit table (8 rows): alex 0.816 / 0.632, squeeze
+0.916 / 0.775, at 22 and 24 ms a call against vgg's 344 ms. So squeeze is the stand-in for vgg in the toy tables'
+Perceptual Guidance (``toy_edit.py --lpips-net``); their LPIPS metric stays AlexNet, the LPIPS authors' metric.
 """
 
 from __future__ import annotations

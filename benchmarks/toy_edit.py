@@ -5,10 +5,11 @@
 For ``--n`` held-out scenes and edits (colour, shape, background, toward an unseen colour x shape pair, in turn;
 ``psedit_toy.edits``), every row below shares one DDIM inversion (refine 2) of the source photo's TAESD latent
 and the workflow defaults (50 steps, gamma 7.5, beta 3, text window 0-0.4, perceptual strength 1.0 normalized
-in 0.2-0.8, LPIPS through TAESD, 10 null-text iterations), except Perceptual Guidance's LPIPS trunk: alex, not the
-workflows' vgg (``--lpips-net vgg``): alex ranks edit results as vgg does (Spearman 0.87 over all results, 0.90
-within an edit) at 15 ms a call instead of 235 ms (128 px, one thread; ``benchmarks/lpips_trunks.py``), and each
-perceptual row calls it, forward and backward, at 30 of the 50 steps:
+in 0.2-0.8, LPIPS through TAESD, 10 null-text iterations), except Perceptual Guidance's LPIPS trunk: squeeze, not
+the workflows' vgg (``--lpips-net vgg``), at 24 ms a call instead of 344 ms (128 px, one thread), called forward and
+backward at 30 of each perceptual row's 50 steps. ``benchmarks/lpips_trunks.py`` on the 256 results of the first
+32-edit table: squeeze orders them as vgg does at Spearman 0.92 over all results and 0.78 within an edit, alex at
+0.82 and 0.63 (that table ran with alex, chosen from 8 edits where the two were even):
 
 | config | what runs |
 |---|---|
@@ -235,9 +236,9 @@ def main() -> None:
                    help=f"rows (default: {' '.join(R.CONFIGS)}; --model flow adds {' '.join(FR.FLOW_CONFIGS)})")
     p.add_argument("--perceptual-target", choices=list(TARGETS), default="x0",
                    help="Perceptual Guidance's target (the node's default is x0)")
-    p.add_argument("--lpips-net", choices=("alex", "squeeze", "vgg"), default="alex",
-                   help="Perceptual Guidance's LPIPS trunk in every perceptual row (the workflows use vgg; alex ranks "
-                   "results as vgg does at 1/15 of the cost per call: benchmarks/lpips_trunks.py)")
+    p.add_argument("--lpips-net", choices=("alex", "squeeze", "vgg"), default="squeeze",
+                   help="Perceptual Guidance's LPIPS trunk in every perceptual row (the workflows use vgg; squeeze "
+                   "ranks results most as vgg does, at 1/14 of the cost per call: benchmarks/lpips_trunks.py)")
     p.add_argument("--model", choices=("eps", "flow"), default="eps",
                    help="the eps model or its flow-matching twin (whose default rows add FlowEdit's)")
     p.add_argument("--weights", type=Path, default=None, help="the model's weights (default: the committed file)")

@@ -51,7 +51,7 @@ def test_null_text_reconstructs_a_held_out_scene_at_cfg_7_5(world, record_proper
     psnr_plain = E.psnr(R.sample(world, inv, plain), src)
     psnr_nti = E.psnr(R.sample(world, inv, nti), src)
     record_property("psnr_plain_nti", (psnr_plain, psnr_nti))
-    # measured: plain 15.7 dB, null-text 26.5 dB
+    # measured (the v2 model, both ComfyUI trees): plain 14.9 dB, null-text 26.7 dB
     assert psnr_nti > psnr_plain + 6.0, (psnr_plain, psnr_nti)
 
 
@@ -65,8 +65,8 @@ def test_triple_guidance_reaches_the_edit_colour_where_beta_0_does_not(world, re
             g = R.guider("textopt", world, inv, Settings(steps=STEPS, beta=beta, text_window=(0.0, 1.0)))
             hits[beta] += E.attribute_reached(edit, R.sample(world, inv, g))
     record_property("hits", hits)
-    # measured (20 steps, triple guidance on every step): beta 0 -> 0 of 4, 3 -> 0, 7.5 -> 4, 12 -> 4. On this
-    # model beta must reach gamma; the workflow's beta 3 edits because CFG on the edit caption follows its window.
+    # measured (20 steps, triple guidance on every step; both models): beta 0 -> 0 of 4, 3 -> 0, 7.5 -> 4, 12 -> 4. Here
+    # beta must reach gamma; the workflow's beta 3 edits because CFG on the edit caption follows its window.
     assert hits[7.5] >= 3 and hits[12.0] >= 3 and hits[0.0] <= 1, hits
 
 
@@ -81,8 +81,8 @@ def test_perceptual_guidance_raises_background_psnr(world, record_property):
     with_pg = R.sample(world, inv, R.guider("perceptual_x0", world, inv, s))
     gain = E.psnr(with_pg, src, outside) - E.psnr(without, src, outside)
     record_property("gain_db", gain)
-    # measured: 0.26 dB
-    assert gain > 0.15, gain
+    # measured (the v2 model, both ComfyUI trees): 3.27 dB (the first model: 0.26 dB)
+    assert gain > 1.5, gain
 
 
 def test_estimated_edit_mask_overlaps_the_true_region(world, record_property):
@@ -92,5 +92,5 @@ def test_estimated_edit_mask_overlaps_the_true_region(world, record_property):
         inv = R.invert(world, src, edit.source_caption, edit.edit_caption, Settings(steps=STEPS), methods=())
         ious.append(E.iou(R.edit_mask(world, inv)[0].numpy() > 0.5, edit.region()))
     record_property("ious", ious)
-    # measured: 0.51, 0.61, 0.13, 0.45 (mean 0.42)
+    # measured (the v2 model, both ComfyUI trees): 0.32, 0.49, 0.49, 0.51 (mean 0.45)
     assert float(np.mean(ious)) > 0.3, ious
