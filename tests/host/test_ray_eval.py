@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 import tiny
+import torch
 
 try:
     tiny.load_pack()
@@ -76,11 +77,17 @@ def argv(inputs, out, *extra) -> list[str]:
 
 @pytest.fixture(scope="module")
 def reference(inputs, tmp_path_factory):
-    """The single-process run's output folder."""
+    """The single-process run's output folder, computed with one torch thread: Ray gives each CPU worker one
+    (OMP_NUM_THREADS=1), and a CPU's float reductions, so the edits' last bits, depend on the thread count."""
     out = tmp_path_factory.mktemp("reference") / "out"
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(pipeline, "load_checkpoint", tiny_models)
-        assert main(argv(inputs, out)) == 0
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setattr(pipeline, "load_checkpoint", tiny_models)
+            assert main(argv(inputs, out)) == 0
+    finally:
+        torch.set_num_threads(threads)
     return out
 
 
