@@ -703,12 +703,10 @@ def flow_knobs_note(family: str) -> str:
     )
 
 
-def flow_edit_workflow(family: str) -> dict:
-    """The full method on a flow-matching model: invert, (SD3.5) null-text inversion, text guidance in the first 40%
-    of the steps, perceptual guidance in 20-80%, sampled from PSEdit Inverted Noise."""
-    f = FLOW[family]
+def _flow_inputs(g: Graph, family: str):
+    """The flow workflows' shared start: checkpoint, the photo scaled to the model's size and VAE-encoded, and the
+    captions (null, source, edit; Flux has no null caption). Returns (ckpt, image, encode, {name: CLIPTextEncode})."""
     flux = family == "flux"
-    g = Graph(models=[TAESD[family]])
     ckpt = g.add("CheckpointLoaderSimple", 0, 0, {"ckpt_name": CHECKPOINTS[family]["name"]}, width=340,
                  models=[CHECKPOINTS[family]])
     loaded = g.add("LoadImage", 0, 0, {"image": "example.png"}, title="Load Image (your photo)", width=340, height=380)
@@ -726,6 +724,16 @@ def flow_edit_workflow(family: str) -> dict:
     for name, text, title in captions:
         texts[name] = g.add("CLIPTextEncode", 1, 0, {"text": text}, title=title, width=360, height=130)
         g.link(ckpt, "CLIP", texts[name], "clip")
+    return ckpt, image, encode, texts
+
+
+def flow_edit_workflow(family: str) -> dict:
+    """The full method on a flow-matching model: invert, (SD3.5) null-text inversion, text guidance in the first 40%
+    of the steps, perceptual guidance in 20-80%, sampled from PSEdit Inverted Noise."""
+    f = FLOW[family]
+    flux = family == "flux"
+    g = Graph(models=[TAESD[family]])
+    ckpt, image, encode, texts = _flow_inputs(g, family)
     source = texts["source"]
     if flux:
         source = g.add("FluxGuidance", 1, 0, {"guidance": f["gamma"]}, title="FluxGuidance (the source, inverted)",
@@ -815,23 +823,7 @@ def flowedit_workflow(family: str) -> dict:
     e = FLOWEDIT[family]
     flux = family == "flux"
     g = Graph()
-    ckpt = g.add("CheckpointLoaderSimple", 0, 0, {"ckpt_name": CHECKPOINTS[family]["name"]}, width=340,
-                 models=[CHECKPOINTS[family]])
-    loaded = g.add("LoadImage", 0, 0, {"image": "example.png"}, title="Load Image (your photo)", width=340, height=380)
-    image = g.add("ImageScaleToTotalPixels", 0, 0, {"upscale_method": "lanczos", "megapixels": MEGAPIXELS[family]},
-                  title="photo at the model's size", width=340)
-    g.link(loaded, "IMAGE", image, "image")
-    encode = g.add("VAEEncode", 1, 0, width=360)
-    g.link(image, "IMAGE", encode, "pixels")
-    g.link(ckpt, "VAE", encode, "vae")
-    captions = [("source", SOURCE, "source caption: what the photo shows"),
-                ("edit", EDIT, "edit caption: what it should show")]
-    if not flux:
-        captions.insert(0, ("null", "", "null caption (leave empty)"))
-    texts = {}
-    for name, text, title in captions:
-        texts[name] = g.add("CLIPTextEncode", 1, 0, {"text": text}, title=title, width=360, height=130)
-        g.link(ckpt, "CLIP", texts[name], "clip")
+    ckpt, image, encode, texts = _flow_inputs(g, family)
     sched = g.add("BasicScheduler", 2, 0, {"scheduler": e["scheduler"], "steps": e["steps"], "denoise": 1.0},
                   width=320)
     g.link(ckpt, "MODEL", sched, "model")
