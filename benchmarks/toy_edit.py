@@ -32,8 +32,9 @@ negative-prompt, mask estimate and sampling: what that row costs from the photo)
 evaluations that costs (a forward pre-hook counts batch elements). ``--model flow`` runs the flow-matching twin.
 ``--jobs 2`` shares the edits between two processes (one torch thread each: the 2-core machine's fastest setting).
 Writes ``table.csv`` / ``table.md`` (one row per config), ``edits.csv`` (one row per edit and config), a grid PNG per
-edit, and unless ``--sweep-n 0`` a sweep over beta and perceptual strength (target x0, and target latent) on the
-first edits (``sweep.csv``, ``sweep.png``: edit success against preserved-background PSNR).
+edit, and unless ``--sweep-n 0`` a sweep over beta and perceptual strength (target x0, and target latent), and with
+``--model flow`` over FlowEdit's edit-caption CFG (the source's at the paper's ratio), on the first edits
+(``sweep.csv``, ``sweep.png``: edit success against preserved-background PSNR).
 """
 
 from __future__ import annotations
@@ -68,17 +69,21 @@ TABLE_COLUMNS = COLUMNS[:1] + [f"{c}{x}" for c in COLUMNS[1:] for x in ("", "_lo
 BETAS = (0.0, 1.0, 2.0, 3.0, 5.0, 7.5)
 STRENGTHS = (0.1, 0.3, 1.0, 3.0)
 LATENT_STRENGTHS = (0.03, 0.1, 0.3)  # target "latent": the latent moves this far (RMS) every window step
+FLOWEDIT_EDIT_CFGS = (2.0, 3.0, 4.5, 7.5, 13.5)  # --model flow: FlowEdit's edit-caption CFG (the paper's: 13.5)
 
 
-def run_row(world, inv, edit, config, s, metrics, src, masks, extra_seconds, target="x0", extra_evals=0):
+def run_row(world, inv, edit, config, s, metrics, src, masks, extra_seconds, target="x0", extra_evals=0,
+            flowedit_guidance=None):
     """One row's edit of one photo and its metrics; ``seconds`` and ``model_evals`` (network evaluations) count what
-    the row costs from the photo, its share of the inversion (``extra_*``) included."""
+    the row costs from the photo, its share of the inversion (``extra_*``) included. ``flowedit_guidance``: the
+    FlowEdit rows' (source, edit) CFG scales (None: the paper's)."""
     from psedit_toy import control_rows as CR
 
     t = time.perf_counter()
     with R.count_evals(world) as counter:
         if FR.is_flowedit(config):  # no inversion: from the photo's own latent
-            img = FR.sample(world, inv, FR.guider(config, world, inv, s, mask=masks.get("masked_true"), target=target))
+            img = FR.sample(world, inv, FR.guider(config, world, inv, s, mask=masks.get("masked_true"), target=target,
+                                                  guidance=flowedit_guidance))
         else:
             inv = CR.inversion_for(config, world, inv, s)
             img = R.sample(world, inv, row_guider(config, world, inv, edit, s, masks, target))
@@ -164,6 +169,14 @@ def world_weights(a: argparse.Namespace) -> Path:
     return a.weights or (F.WEIGHTS if a.model == "flow" else M.WEIGHTS)
 
 
+def inversion_method(config: str) -> str | None:
+    """The null schedule a row samples (its inversion computed once per photo): none for plain DDIM + CFG and for
+    FlowEdit, which needs no inversion."""
+    if config == "ddim_cfg" or FR.is_flowedit(config):
+        return None
+    return "negative-prompt" if config == "negprompt" else "null-text"
+
+
 def run_edits(a: argparse.Namespace, indices: list[int], threads: int | None = None) -> tuple[list[dict], list[dict]]:
     """The table's rows (and the sweep's) for the edits numbered ``indices`` of ``make_edits(a.seed, a.n)``: one
     process's share. Loads ComfyUI and the model itself, so it runs in a worker process as well."""
@@ -185,41 +198,52 @@ def run_edits(a: argparse.Namespace, indices: list[int], threads: int | None = N
     rows, sweep_rows = [], []
     t_all = time.perf_counter()
     edits = E.make_edits(a.seed, a.n, version=version)
+    methods = tuple(dict.fromkeys(inversion_method(c) for c in a.configs if inversion_method(c)))
+    if a.sweep_n and "null-text" not in methods:  # the sweep's rows sample null-text schedules
+        methods += ("null-text",)
     for i in indices:
         edit = edits[i]
         src = S.render(edit.source)[0]
-        inv = R.invert(world, src, edit.source_caption, edit.edit_caption, s)
-        t = time.perf_counter()
-        est = R.edit_mask(world, inv)
-        mask_seconds = time.perf_counter() - t
+        inv = R.invert(world, src, edit.source_caption, edit.edit_caption, s, methods=methods)
         truth = torch.from_numpy(edit.region()).float()[None]
-        masks = {"masked_estimated": est, "masked_true": truth}
-        iou = E.iou(est[0].numpy() > 0.5, edit.region())
+        masks, iou, mask_seconds = {"masked_true": truth}, None, 0.0
+        if "masked_estimated" in a.configs:  # the estimated Edit Mask, once per photo
+            t = time.perf_counter()
+            masks["masked_estimated"] = R.edit_mask(world, inv)
+            mask_seconds = time.perf_counter() - t
+            iou = E.iou(masks["masked_estimated"][0].numpy() > 0.5, edit.region())
         images = [src, S.render(edit.target)[0]]
         for config in a.configs:
-            method = "negative-prompt" if config == "negprompt" else (None if config == "ddim_cfg" else "null-text")
+            method = inversion_method(config)
             extra = inv.seconds["invert"] + (inv.seconds[method] if method else 0.0)
             extra += mask_seconds if config == "masked_estimated" else 0.0
             evals = inv.evals["invert"] + (inv.evals[method] if method else 0)
             if FR.is_flowedit(config):
                 extra, evals = 0.0, 0
-            row, img = run_row(world, inv, edit, config, s, metrics, src, masks, extra, a.perceptual_target, evals)
+            row, img = run_row(world, inv, edit, config, s, metrics, src, masks, extra, a.perceptual_target, evals,
+                               a.flowedit_guidance)
             row.update(config=config, edit=i, kind=edit.kind, source=edit.source_caption, target=edit.edit_caption,
                        mask_iou=iou if config == "masked_estimated" else None)
             rows.append(row)
             images.append(img)
         Image.fromarray(np.concatenate(images, axis=1)).save(a.out / f"edit_{i:02d}_{edit.kind}.png")
+        mask_note = f"mask IoU {iou:.2f} " if iou is not None else ""
         print(f"edit {i} ({edit.kind}: {edit.source_caption!r} -> {edit.edit_caption!r}) "
               f"success {[int(r['edit_success']) for r in rows[-len(a.configs):]]} "
-              f"mask IoU {iou:.2f} ({time.perf_counter() - t_all:.0f} s)", flush=True)
+              f"{mask_note}({time.perf_counter() - t_all:.0f} s)", flush=True)
         if i < a.sweep_n:
             variants = [("beta", b, "textopt", dataclasses.replace(s, beta=b), a.perceptual_target) for b in BETAS]
             variants += [("strength", v, "perceptual_x0", dataclasses.replace(s, strength=v), a.perceptual_target)
                          for v in STRENGTHS]
             variants += [("latent strength", v, "perceptual_x0", dataclasses.replace(s, strength=v), "latent")
                          for v in LATENT_STRENGTHS]
-            for family, value, config, sv, target in variants:
-                row, _ = run_row(world, inv, edit, config, sv, metrics, src, masks, 0.0, target)
+            variants = [(*v, None) for v in variants]
+            if a.model == "flow":  # FlowEdit's edit-caption CFG, the source's at the paper's ratio (3.5 : 13.5)
+                variants += [("flowedit edit CFG", v, "flowedit", s, a.perceptual_target,
+                              (round(v * 3.5 / 13.5, 3), v)) for v in FLOWEDIT_EDIT_CFGS]
+            for family, value, config, sv, target, guidance in variants:
+                row, _ = run_row(world, inv, edit, config, sv, metrics, src, masks, 0.0, target,
+                                 flowedit_guidance=guidance)
                 row.update(family=family, value=value, edit=i)
                 sweep_rows.append(row)
     return rows, sweep_rows
@@ -241,6 +265,8 @@ def main() -> None:
                    "ranks results most as vgg does, at 1/14 of the cost per call: benchmarks/lpips_trunks.py)")
     p.add_argument("--model", choices=("eps", "flow"), default="eps",
                    help="the eps model or its flow-matching twin (whose default rows add FlowEdit's)")
+    p.add_argument("--flowedit-guidance", type=float, nargs=2, default=None, metavar=("SOURCE", "EDIT"),
+                   help="the FlowEdit rows' CFG on the source and edit captions (default: the paper's 3.5 13.5)")
     p.add_argument("--weights", type=Path, default=None, help="the model's weights (default: the committed file)")
     p.add_argument("--jobs", type=int, default=1,
                    help="processes, each with its own model and one torch thread, sharing the edits (2 on 2 cores)")
@@ -258,8 +284,11 @@ def main() -> None:
             p.error("the sweep plot needs matplotlib: pip install matplotlib (or pass --sweep-n 0)")
     logging.basicConfig(level=logging.WARNING)
     a.out.mkdir(parents=True, exist_ok=True)
+    a.flowedit_guidance = tuple(a.flowedit_guidance) if a.flowedit_guidance else None
+    fe = (f", FlowEdit CFG {a.flowedit_guidance[0]:g} / {a.flowedit_guidance[1]:g}" if a.flowedit_guidance
+          else ", FlowEdit CFG 3.5 / 13.5 (the paper's)") if flowedit else ""
     print(f"# toy_edit: {a.n} edits, seed {a.seed}, {a.steps} steps, perceptual target {a.perceptual_target}, "
-          f"guidance LPIPS {a.lpips_net}, {a.jobs} process(es), {device_name()}", flush=True)
+          f"guidance LPIPS {a.lpips_net}{fe}, {a.jobs} process(es), {device_name()}", flush=True)
     t_all = time.perf_counter()
     shares = [list(range(j, a.n, a.jobs)) for j in range(a.jobs)]
     if a.jobs == 1:

@@ -12,9 +12,9 @@
    ceiling), DDIM inversion (refine 2) sampled back at CFG 1, and at CFG 7.5 with the plain null embedding, with
    negative-prompt inversion and with null-text inversion (10 iterations).
 
-``--model flow`` measures the flow-matching twin (``psedit_toy/weights/toy_sd3.safetensors``; generation only:
-``psedit_toy.run.sample`` hands over the inverted latent with DisableNoise, which a flow model cannot start from, so
-``--recon`` must be 0 there). ``--weights`` measures another weights file (its manifest, ``<stem>.json`` or
+``--model flow`` measures the flow-matching twin (``psedit_toy/weights/toy_sd3.safetensors``; its reconstructions
+start from PSEdit Inverted Noise, as the flow workflows do, and its null-text inversion optimises tokens and pooled
+vector). ``--weights`` measures another weights file (its manifest, ``<stem>.json`` or
 ``manifest.json`` beside it, gives the architecture and the world
 whose scenes are reconstructed).
 """
@@ -124,9 +124,6 @@ def main() -> None:
                    help="eps: the SD1.5-family model; flow: its SD3-family flow-matching twin")
     p.add_argument("--comfyui", default=None)
     a = p.parse_args()
-    if a.model == "flow" and a.recon:
-        p.error("--recon needs PSEdit Inverted Noise on a flow model, which psedit_toy.run.sample does not hand over "
-                "yet: use --recon 0 with --model flow")
     a.weights = a.weights or (F.WEIGHTS if a.model == "flow" else M.WEIGHTS)
     logging.basicConfig(level=logging.WARNING)
     world = R.load_world(a.comfyui, weights=a.weights, family=a.model)

@@ -59,3 +59,14 @@ def test_committed_flow_weights_match_their_manifest():
     world = manifest["data_version"]
     assert manifest["data_sha256"] == S.dataset_digest(S.training_scenes(manifest["scenes"], manifest["seed"], world),
                                                        world)
+
+
+def test_flowedit_rows_name_their_own_cfg_scales():
+    from psedit_toy import flow_rows as FR
+
+    assert FR.split_config("flowedit") == ("flowedit", None)
+    assert FR.split_config("flowedit@1,3") == ("flowedit", (1.0, 3.0))
+    assert FR.split_config("flowedit_masked_true@1.5,4.5+perceptual") == ("flowedit_masked_true", (1.5, 4.5))
+    assert FR.is_flowedit("flowedit@1,3+perceptual") and not FR.is_flowedit("textopt")
+    with pytest.raises(ValueError, match="@SOURCE,EDIT"):
+        FR.split_config("flowedit@3")

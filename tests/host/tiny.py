@@ -312,15 +312,19 @@ FLOW_POOLED = {"sd3": 2048, "flux": 768}  # CLIP-L + CLIP-G pooled (SD3), CLIP-L
 FLOW_TOKENS = {"sd3": 154, "flux": 256}  # SD3: 77 CLIP-L/G + 77 T5 tokens; Flux: 256 T5 tokens
 
 
-def _sd3_config(size: str = "tiny") -> dict:
+def _sd3_config(size: str = "tiny", blocks: tuple[int, int] | None = None) -> dict:
     """An SD3.5-medium-shaped MMDiT-X: RMS q/k norms, extra image self-attention in the first blocks, a position
     embedding table. ``tiny``: 2 joint blocks (hidden 128, 2 heads of 64), 16x16 patches (latents up to 32x32);
     ``small`` (benchmarks on a CPU): 8 blocks, hidden 512; ``full``: SD3.5 Medium itself (24 blocks, hidden 1536,
-    2.5 B parameters, 384x384 patches)."""
+    2.5 B parameters, 384x384 patches). ``blocks = (a, b)`` keeps the width of ``size`` but builds only ``a`` blocks
+    with the extra self-attention and ``b`` without (a slice, for cost estimates per block)."""
     depth, side, self_attn = {"tiny": (2, 16, [0]), "small": (8, 64, list(range(4))),
                               "full": (24, 384, list(range(13)))}[size]
+    extra = {}
+    if blocks is not None:
+        self_attn, extra = list(range(blocks[0])), {"num_blocks": blocks[0] + blocks[1]}
     return dict(
-        in_channels=16, out_channels=16, patch_size=2, depth=depth, input_size=None,
+        **extra, in_channels=16, out_channels=16, patch_size=2, depth=depth, input_size=None,
         adm_in_channels=FLOW_POOLED["sd3"],
         context_embedder_config={"target": "torch.nn.Linear", "params": {"in_features": FLOW_CONTEXT,
                                                                           "out_features": 64 * depth}},
@@ -329,13 +333,16 @@ def _sd3_config(size: str = "tiny") -> dict:
     )
 
 
-def _flux_config(guidance_embed: bool = True, size: str = "tiny") -> dict:
+def _flux_config(guidance_embed: bool = True, size: str = "tiny", blocks: tuple[int, int] | None = None) -> dict:
     """A Flux-shaped double/single-stream transformer with guidance embedding (Flux dev) unless ``guidance_embed``
     is False. ``tiny``: hidden 64, 2 heads (rotary axes 4+14+14), one double and one single block; ``small``
     (benchmarks on a CPU): hidden 512, 4 heads, 2 double and 4 single blocks; ``full``: Flux.1 dev itself (hidden
-    3072, 24 heads, 19 double and 38 single blocks, 12 B parameters)."""
+    3072, 24 heads, 19 double and 38 single blocks, 12 B parameters). ``blocks = (double, single)`` keeps the width
+    of ``size`` with that many blocks of each kind (a slice, for cost estimates per block)."""
     hidden, heads, depth, single, axes = {"tiny": (64, 2, 1, 1, [4, 14, 14]), "small": (512, 4, 2, 4, [16, 56, 56]),
                                           "full": (3072, 24, 19, 38, [16, 56, 56])}[size]
+    if blocks is not None:
+        depth, single = blocks
     config = dict(
         image_model="flux", in_channels=16, out_channels=16, vec_in_dim=FLOW_POOLED["flux"],
         context_in_dim=FLOW_CONTEXT, hidden_size=hidden, mlp_ratio=4.0, num_heads=heads, depth=depth,
@@ -357,13 +364,14 @@ def _flux_params_since_0_33() -> dict:
 
 
 def build_tiny_flow(family: str = "sd3", seed: int = 0, std: float = 0.05, inference: bool = True,
-                    size: str = "tiny", dtype: torch.dtype = torch.float32):
+                    size: str = "tiny", dtype: torch.dtype = torch.float32, blocks: tuple[int, int] | None = None):
     """A ModelPatcher around a tiny SD3 (MMDiT, ``comfy.supported_models.SD3``, model sampling ``CONST`` +
     ``ModelSamplingDiscreteFlow`` shift 3) or Flux dev (``comfy.supported_models.Flux``, ``CONST`` +
     ``ModelSamplingFlux``, guidance-distilled) built from ComfyUI's own classes with deterministic random weights,
     under ``torch.inference_mode()`` as ComfyUI's executor builds every model. ``size`` "small" / "full" build the
     benchmark architectures (:func:`_sd3_config`, :func:`_flux_config`; "full" is for a GPU: 2.5 B / 12 B
-    parameters), stored as ``dtype``."""
+    parameters), stored as ``dtype``; ``blocks`` builds a slice of that width (:func:`_sd3_config`,
+    :func:`_flux_config`)."""
     with torch.inference_mode(inference):
         import_comfy()
         import comfy.model_base
@@ -371,9 +379,9 @@ def build_tiny_flow(family: str = "sd3", seed: int = 0, std: float = 0.05, infer
         import comfy.supported_models
 
         if family == "sd3":
-            config = comfy.supported_models.SD3(_sd3_config(size))
+            config = comfy.supported_models.SD3(_sd3_config(size, blocks))
         elif family == "flux":
-            config = comfy.supported_models.Flux(_flux_config(size=size))
+            config = comfy.supported_models.Flux(_flux_config(size=size, blocks=blocks))
         else:
             raise ValueError(f"family must be 'sd3' or 'flux', got {family!r}")
         config.set_inference_dtype(dtype, None)
