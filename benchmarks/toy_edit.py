@@ -72,18 +72,15 @@ LATENT_STRENGTHS = (0.03, 0.1, 0.3)  # target "latent": the latent moves this fa
 FLOWEDIT_EDIT_CFGS = (2.0, 3.0, 4.5, 7.5, 13.5)  # --model flow: FlowEdit's edit-caption CFG (the paper's: 13.5)
 
 
-def run_row(world, inv, edit, config, s, metrics, src, masks, extra_seconds, target="x0", extra_evals=0,
-            flowedit_guidance=None):
+def run_row(world, inv, edit, config, s, metrics, src, masks, extra_seconds, target="x0", extra_evals=0):
     """One row's edit of one photo and its metrics; ``seconds`` and ``model_evals`` (network evaluations) count what
-    the row costs from the photo, its share of the inversion (``extra_*``) included. ``flowedit_guidance``: the
-    FlowEdit rows' (source, edit) CFG scales (None: the paper's)."""
+    the row costs from the photo, its share of the inversion (``extra_*``) included."""
     from psedit_toy import control_rows as CR
 
     t = time.perf_counter()
     with R.count_evals(world) as counter:
         if FR.is_flowedit(config):  # no inversion: from the photo's own latent
-            img = FR.sample(world, inv, FR.guider(config, world, inv, s, mask=masks.get("masked_true"), target=target,
-                                                  guidance=flowedit_guidance))
+            img = FR.sample(world, inv, FR.guider(config, world, inv, s, mask=masks.get("masked_true"), target=target))
         else:
             inv = CR.inversion_for(config, world, inv, s)
             img = R.sample(world, inv, row_guider(config, world, inv, edit, s, masks, target))
@@ -220,8 +217,7 @@ def run_edits(a: argparse.Namespace, indices: list[int], threads: int | None = N
             evals = inv.evals["invert"] + (inv.evals[method] if method else 0)
             if FR.is_flowedit(config):
                 extra, evals = 0.0, 0
-            row, img = run_row(world, inv, edit, config, s, metrics, src, masks, extra, a.perceptual_target, evals,
-                               a.flowedit_guidance)
+            row, img = run_row(world, inv, edit, config, s, metrics, src, masks, extra, a.perceptual_target, evals)
             row.update(config=config, edit=i, kind=edit.kind, source=edit.source_caption, target=edit.edit_caption,
                        mask_iou=iou if config == "masked_estimated" else None)
             rows.append(row)
@@ -237,13 +233,11 @@ def run_edits(a: argparse.Namespace, indices: list[int], threads: int | None = N
                          for v in STRENGTHS]
             variants += [("latent strength", v, "perceptual_x0", dataclasses.replace(s, strength=v), "latent")
                          for v in LATENT_STRENGTHS]
-            variants = [(*v, None) for v in variants]
             if a.model == "flow":  # FlowEdit's edit-caption CFG, the source's at the paper's ratio (3.5 : 13.5)
-                variants += [("flowedit edit CFG", v, "flowedit", s, a.perceptual_target,
-                              (round(v * 3.5 / 13.5, 3), v)) for v in FLOWEDIT_EDIT_CFGS]
-            for family, value, config, sv, target, guidance in variants:
-                row, _ = run_row(world, inv, edit, config, sv, metrics, src, masks, 0.0, target,
-                                 flowedit_guidance=guidance)
+                variants += [("flowedit edit CFG", v, f"flowedit@{v * 3.5 / 13.5:.3g},{v:g}", s, a.perceptual_target)
+                             for v in FLOWEDIT_EDIT_CFGS]
+            for family, value, config, sv, target in variants:
+                row, _ = run_row(world, inv, edit, config, sv, metrics, src, masks, 0.0, target)
                 row.update(family=family, value=value, edit=i)
                 sweep_rows.append(row)
     return rows, sweep_rows
@@ -257,7 +251,8 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=50)
     p.add_argument("--sweep-n", type=int, default=4, help="edits in the beta/strength sweep (0: no sweep)")
     p.add_argument("--configs", nargs="*", default=None,
-                   help=f"rows (default: {' '.join(R.CONFIGS)}; --model flow adds {' '.join(FR.FLOW_CONFIGS)})")
+                   help=f"rows (default: {' '.join(R.CONFIGS)}; --model flow adds {' '.join(FR.FLOW_CONFIGS)}; "
+                   "a FlowEdit row's CFG scales: flowedit@SOURCE,EDIT, default the paper's 3.5,13.5)")
     p.add_argument("--perceptual-target", choices=list(TARGETS), default="x0",
                    help="Perceptual Guidance's target (the node's default is x0)")
     p.add_argument("--lpips-net", choices=("alex", "squeeze", "vgg"), default="squeeze",
@@ -265,8 +260,6 @@ def main() -> None:
                    "ranks results most as vgg does, at 1/14 of the cost per call: benchmarks/lpips_trunks.py)")
     p.add_argument("--model", choices=("eps", "flow"), default="eps",
                    help="the eps model or its flow-matching twin (whose default rows add FlowEdit's)")
-    p.add_argument("--flowedit-guidance", type=float, nargs=2, default=None, metavar=("SOURCE", "EDIT"),
-                   help="the FlowEdit rows' CFG on the source and edit captions (default: the paper's 3.5 13.5)")
     p.add_argument("--weights", type=Path, default=None, help="the model's weights (default: the committed file)")
     p.add_argument("--jobs", type=int, default=1,
                    help="processes, each with its own model and one torch thread, sharing the edits (2 on 2 cores)")
@@ -284,11 +277,8 @@ def main() -> None:
             p.error("the sweep plot needs matplotlib: pip install matplotlib (or pass --sweep-n 0)")
     logging.basicConfig(level=logging.WARNING)
     a.out.mkdir(parents=True, exist_ok=True)
-    a.flowedit_guidance = tuple(a.flowedit_guidance) if a.flowedit_guidance else None
-    fe = (f", FlowEdit CFG {a.flowedit_guidance[0]:g} / {a.flowedit_guidance[1]:g}" if a.flowedit_guidance
-          else ", FlowEdit CFG 3.5 / 13.5 (the paper's)") if flowedit else ""
     print(f"# toy_edit: {a.n} edits, seed {a.seed}, {a.steps} steps, perceptual target {a.perceptual_target}, "
-          f"guidance LPIPS {a.lpips_net}{fe}, {a.jobs} process(es), {device_name()}", flush=True)
+          f"guidance LPIPS {a.lpips_net}, {a.jobs} process(es), {device_name()}", flush=True)
     t_all = time.perf_counter()
     shares = [list(range(j, a.n, a.jobs)) for j in range(a.jobs)]
     if a.jobs == 1:

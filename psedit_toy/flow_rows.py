@@ -43,17 +43,15 @@ def split_config(config: str) -> tuple[str, tuple[float, float] | None]:
     return base, (source, edit)
 
 
-def guider(config: str, world, inv, s: pipeline.Settings, mask: torch.Tensor | None = None, target: str = "x0",
-           guidance: tuple[float, float] | None = None):
-    """The GUIDER of one FlowEdit row (module docstring); ``mask`` is the true edit region for the masked row;
-    ``guidance`` the (source, edit) CFG scales in place of the paper's (3.5, 13.5)."""
+def guider(config: str, world, inv, s: pipeline.Settings, mask: torch.Tensor | None = None, target: str = "x0"):
+    """The GUIDER of one FlowEdit row (module docstring); ``mask`` is the true edit region for the masked row."""
     n = pipeline.nodes()
     base, scales = split_config(config)
     if base not in ("flowedit", "flowedit_masked_true"):
         raise ValueError(f"unknown FlowEdit configuration {config!r}: use one of {', '.join(FLOW_CONFIGS)}, "
                          "optionally with @SOURCE,EDIT CFG scales (flowedit@1,3)")
     d = n.flowedit.PAPER_DEFAULTS["SD3"]
-    source_guidance, edit_guidance = scales or guidance or (d["source_guidance"], d["edit_guidance"])
+    source_guidance, edit_guidance = scales or (d["source_guidance"], d["edit_guidance"])
     with torch.inference_mode():
         g = n.flowedit.FlowEditGuiderNode.execute(world.model, inv.null, inv.source, inv.edit, source_guidance,
                                                   edit_guidance, d["n_max"] * s.steps // d["steps"], d["n_min"],
