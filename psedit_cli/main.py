@@ -64,6 +64,10 @@ def _common_options() -> argparse.ArgumentParser:
                    help="fraction of the steps with perceptual guidance (default 0.2 0.8)")
     c.add_argument("--strength", type=float, default=1.0, help="perceptual guidance step, RMS change of the x0 "
                    "prediction per step (default 1.0)")
+    c.add_argument("--gradient", default="auto", choices=["auto", "x0", "full"],
+                   help="perceptual guidance gradient: full (through the model too, the paper's; more memory and "
+                   "time), x0 (through the decoder only), auto (default: the workflows' choice, full on SD1.x / "
+                   "SD2.x, x0 on SDXL)")
     c.add_argument("--lpips-net", default="vgg", choices=["vgg", "alex", "squeeze"], help="LPIPS trunk for guidance")
     c.add_argument("--decoder", default="taesd", choices=["taesd", "vae"],
                    help="decoder inside perceptual guidance (taesd needs models/vae_approx/taesd_decoder.*)")
@@ -96,8 +100,9 @@ def settings_from(a) -> pipeline.Settings:
         raise SetupError("--inner-iterations, --refine and --resize must not be negative")
     return pipeline.Settings(
         steps=a.steps, scheduler=a.scheduler, gamma=a.gamma, beta=a.beta, text_window=tuple(a.text_window),
-        perceptual_window=tuple(a.perceptual_window), strength=a.strength, lpips_net=a.lpips_net, decoder=a.decoder,
-        method=a.method, inner_iterations=a.inner_iterations, refine=a.refine, resize=a.resize, seed=a.seed)
+        perceptual_window=tuple(a.perceptual_window), strength=a.strength, gradient=a.gradient,
+        lpips_net=a.lpips_net, decoder=a.decoder, method=a.method, inner_iterations=a.inner_iterations,
+        refine=a.refine, resize=a.resize, seed=a.seed)
 
 
 def main(argv: list[str] | None = None) -> int:

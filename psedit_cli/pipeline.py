@@ -88,6 +88,7 @@ class Settings:
     text_window: tuple[float, float] = (0.0, 0.4)
     perceptual_window: tuple[float, float] = (0.2, 0.8)
     strength: float = 1.0  # perceptual guidance step (normalised, target x0; the workflows' default)
+    gradient: str = "auto"  # perceptual guidance gradient: x0, full, or auto (the workflows': full on SD1.x / SD2.x)
     lpips_net: str = "vgg"
     decoder: str = "taesd"
     method: str = "null-text"  # or negative-prompt, none
@@ -181,8 +182,21 @@ def guider_for(config: str, models: Models, p: Prepared, s: Settings):
     if config == "textopt":
         return guider
     pwindow = n.StepWindowNode.execute(*s.perceptual_window)[0]
-    return n.PerceptualGuidanceNode.execute(guider, models.vae, p.image, s.strength, s.lpips_net, "x0", s.decoder,
-                                            "normalized", window=pwindow)[0]
+    return n.PerceptualGuidanceNode.execute(guider, models.vae, p.image, s.strength, s.lpips_net,
+                                            gradient_for(models.model, s.gradient), s.decoder, "normalized",
+                                            window=pwindow)[0]
+
+
+# The families whose workflows run Perceptual Guidance with the full gradient (tools/make_workflows.py GRADIENT: the
+# toy world's table keeps +3.2 dB of background over x0; SD1.5 at 512 px needs 6.4 GiB); x0 on the others.
+FULL_GRADIENT_FAMILIES = ("SD15", "SD20")
+
+
+def gradient_for(model, gradient: str) -> str:
+    """``auto``: the workflows' choice for the model's family (:data:`FULL_GRADIENT_FAMILIES`); else as given."""
+    if gradient != "auto":
+        return gradient
+    return "full" if type(model.model.model_config).__name__ in FULL_GRADIENT_FAMILIES else "x0"
 
 
 def run_config(config: str, models: Models, p: Prepared, s: Settings) -> torch.Tensor:

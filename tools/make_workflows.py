@@ -45,6 +45,12 @@ PERCEPTUAL_WINDOW = (0.2, 0.8)
 # step "normalized", target "x0": RMS of the correction of the x0 prediction per step. 1.0 from the toy world
 # (benchmarks/toy_perceptual.py): 0.1 changed nothing measurable; 1-3 raised background PSNR at the same edit success.
 PERCEPTUAL_STRENGTH = 1.0
+# Perceptual Guidance's gradient per family: "full" (through the model too, the paper's) where its memory is modest,
+# "x0" (through the decoder only) elsewhere. On the toy world's 32-edit table (README, *The toy world*) full keeps
+# +3.2 dB [2.1, 4.3] more background than x0 at equal edit success; SD1.5 at 512 px then needs 6.4 GiB instead of
+# 2.7 (README, *GPU memory*). SDXL at 1024 px already needs 9.2 GiB with x0, and full costs 4.5-5.5x a stock step and
+# 17-82 GiB on SD3.5 / Flux (benchmarks/flow_cost.py): x0 there.
+GRADIENT = {"sd15": "full"}
 SOURCE, EDIT = "a cat sitting on a sofa", "a tiger sitting on a sofa"
 # Prompt-to-Prompt's and Plug-and-Play's defaults (the nodes' own): windows as fractions of the steps.
 P2P_CROSS, P2P_SELF = (0.0, 0.8), (0.0, 0.4)
@@ -335,12 +341,13 @@ def attention_control(g: Graph, s: dict, col: int, y: float = 0, title: str = "P
 
 
 def perceptual(g: Graph, s: dict, inner: dict, col: int, y: float, decoder: dict, mask: dict | None = None,
-               title: str = "PSEdit Perceptual Guidance", mask_output: str = "edit_mask") -> dict:
+               title: str = "PSEdit Perceptual Guidance", mask_output: str = "edit_mask",
+               gradient: str = "x0") -> dict:
     """Perceptual Guidance with the TAESD ``decoder`` (a TAESD entry) named in its decoder widget and declared on the
-    node, so the missing-models dialog offers it."""
+    node, so the missing-models dialog offers it; ``gradient`` from :data:`GRADIENT` for the family."""
     w = window(g, col, y, PERCEPTUAL_WINDOW, "perceptual guidance window")
     node = g.add("PSEditPerceptualGuidance", col, y,
-                 {"strength": PERCEPTUAL_STRENGTH, "lpips_net": "vgg", "gradient": "x0", "decoder": decoder["name"],
+                 {"strength": PERCEPTUAL_STRENGTH, "lpips_net": "vgg", "gradient": gradient, "decoder": decoder["name"],
                   "step": "normalized", "pixel_weight": 0.0}, title=title, width=340, models=[decoder])
     g.link(inner, "GUIDER", node, "guider")
     g.link(s["ckpt"], "VAE", node, "vae")
@@ -399,7 +406,11 @@ def setup_note(family: str) -> str:
     )
 
 
-def knobs_note(taesd: str) -> str:
+def knobs_note(taesd: str, gradient: str) -> str:
+    cost = ("full: through the model too (the paper's: a backward pass through the model each step, 6.4 GiB at 512 "
+            "px); 'x0' is faster and keeps less of the photo" if gradient == "full" else
+            "x0: through the decoder only; 'full' (through the model too) keeps more of the photo at several times "
+            "the time and memory")
     return (
         "Knobs\n"
         f"- Triple Guider beta: edit strength (0 = the photo back; 2-5 typical). gamma = CFG scale: keep it equal to "
@@ -411,7 +422,8 @@ def knobs_note(taesd: str) -> str:
         f"the photo by LPIPS in its window ({PERCEPTUAL_WINDOW[0]}-{PERCEPTUAL_WINDOW[1]}). Its decoder, "
         f"{taesd}_decoder.safetensors, goes in models/vae_approx (offered when the workflow loads; or choose 'vae': "
         "exact, much slower). The LPIPS trunk (e.g. vgg16-397923af.pth) is downloaded once by torchvision, or put "
-        "it in models/lpips offline (see the README)."
+        "it in models/lpips offline (see the README).\n"
+        f"- Perceptual Guidance gradient {cost}."
     )
 
 
@@ -431,7 +443,7 @@ def edit_workflow(family: str, masked: bool = False) -> dict:
         g.link(s["invert"], "inversion", mask, "inversion")
         g.link(s["source"], "CONDITIONING", mask, "source")
         g.link(s["edit"], "CONDITIONING", mask, "edit")
-    guided = perceptual(g, s, guider, 4, 0, TAESD[family], mask=mask)
+    guided = perceptual(g, s, guider, 4, 0, TAESD[family], mask=mask, gradient=GRADIENT.get(family, "x0"))
     if masked:
         to_image = g.add("MaskToImage", 4, 0, width=340)
         g.link(mask, "edit_mask", to_image, "mask")
@@ -440,7 +452,7 @@ def edit_workflow(family: str, masked: bool = False) -> dict:
     noise, sampler = noise_and_sampler(g, 5)
     decode = sample(g, s, guided, noise, sampler, 6)
     save(g, decode, f"psedit_{'masked_' if masked else ''}edit", 7)
-    g.note(knobs_note(taesd), 3, -300, width=730, height=240)
+    g.note(knobs_note(taesd, GRADIENT.get(family, "x0")), 3, -300, width=730, height=240)
     if masked:
         # A painted mask goes through the photo's own scaling, so it lands where it was painted.
         painted = g.add("MaskToImage", 0, 0, title="your painted mask (optional)", width=340)
@@ -479,7 +491,8 @@ def ablation_workflow() -> dict:
                       model=control)
     textopt = triple(g, s, 3, 0, beta=BETA, span=TEXT_WINDOW, title="2. Text optimization")
     noise, sampler = noise_and_sampler(g, 4, 0)
-    guided = perceptual(g, s, textopt, 4, 560, TAESD["sd15"], title="3. Perceptual + text optimization")
+    guided = perceptual(g, s, textopt, 4, 560, TAESD["sd15"], title="3. Perceptual + text optimization",
+                        gradient=GRADIENT["sd15"])
     d1 = sample(g, s, nulltext, noise, sampler, 5, 0, title="sample 1. Null-text")
     d2 = sample(g, s, textopt, noise, sampler, 5, 330, title="sample 2. Text optimization")
     d3 = sample(g, s, guided, noise, sampler, 5, 660, title="sample 3. Perceptual + text")
@@ -487,7 +500,8 @@ def ablation_workflow() -> dict:
     save(g, d1, "psedit_nulltext", 6, 0, "1. Null-text", at=0, width=w)
     save(g, d2, "psedit_textopt", 6, 0, "2. Text optimization", at=w + gap, width=w)
     save(g, d3, "psedit_perceptual", 6, 0, "3. Perceptual + text optimization", at=2 * (w + gap), width=w)
-    g.note(knobs_note("taesd") + "\n- 1. Attention Control: cross_start-cross_end / self_start-self_end, the steps "
+    g.note(knobs_note("taesd", GRADIENT["sd15"])
+           + "\n- 1. Attention Control: cross_start-cross_end / self_start-self_end, the steps "
            "where the edit reads the source's cross-attention maps / small-resolution self-attention; longer windows "
            f"keep more of the photo (see the template {TITLES['psedit_p2p_sd15']}).", 6, -460, width=3 * w + 2 * gap,
            height=400)

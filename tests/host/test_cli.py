@@ -4,6 +4,7 @@ a tiny CLIP built from a config), its argument parsing and errors, and its metri
 from __future__ import annotations
 
 import csv
+import dataclasses
 import math
 
 import pytest
@@ -178,6 +179,19 @@ def test_configurations_differ(models, dataset):
     assert (out["textopt"] - out["perceptual"]).abs().max() > 1e-2
 
 
+def test_perceptual_gradient_follows_the_workflows(models, dataset):
+    """``--gradient auto``: full on SD1.x (the SD1.5 workflows' choice), x0 on SDXL; the two give other edits."""
+    assert pipeline.gradient_for(models.model, "auto") == "full"
+    assert pipeline.gradient_for(tiny.build_tiny("sdxl"), "auto") == "x0"
+    assert pipeline.gradient_for(models.model, "x0") == "x0"
+    images, _ = dataset
+    p = pipeline.prepare(models, load_photo(images / "chelsea.png"), "a cat", "a tiger", SETTINGS)
+    out = {g: pipeline.run_config("perceptual", models, p, dataclasses.replace(SETTINGS, gradient=g))
+           for g in ("auto", "x0", "full")}
+    assert torch.equal(out["auto"], out["full"])
+    assert (out["x0"] - out["full"]).abs().max() > 1e-3
+
+
 # --- (2) arguments and errors -----------------------------------------------------------------------------------------
 
 def test_parser_defaults_and_required():
@@ -186,7 +200,7 @@ def test_parser_defaults_and_required():
     assert parsed.text_window == [0.0, 0.3] and parsed.method == "none" and parsed.config == "perceptual"
     assert (parsed.steps, parsed.gamma, parsed.beta, parsed.strength) == (50, 7.5, 3.0, 1.0)
     assert (parsed.lpips_net, parsed.decoder, parsed.inner_iterations, parsed.resize) == ("vgg", "taesd", 10, 0)
-    assert parsed.perceptual_window == [0.2, 0.8]
+    assert parsed.perceptual_window == [0.2, 0.8] and parsed.gradient == "auto"
     for bad in (["eval", "--checkpoint", "c"], ["edit", "--checkpoint", "c", "--image", "i", "--source", "a",
                                                 "--edit", "b", "--out", "o", "--decoder", "sdxl"]):
         with pytest.raises(SystemExit):

@@ -168,8 +168,9 @@ def test_edit_workflow_settings():
     assert source_of(wf, perceptual, "guider") is guider
     assert widgets(source_of(wf, perceptual, "window")) == {"start": 0.2, "end": 0.8}
     w = widgets(perceptual)
+    # full: through the model too, the paper's gradient (+3.2 dB of background over x0 on the toy world's table)
     assert (w["lpips_net"], w["gradient"], w["decoder"], w["step"]) == (
-        "vgg", "x0", "taesd_decoder.safetensors", "normalized")
+        "vgg", "full", "taesd_decoder.safetensors", "normalized")
     assert 0.3 <= w["strength"] <= 3  # the range that acts on the toy world without holding the edit back
     run = node_of(wf, "SamplerCustomAdvanced")
     assert source_of(wf, run, "noise")["type"] == "DisableNoise"
@@ -222,6 +223,10 @@ def test_sdxl_workflow_says_what_it_needs():
     notes = " ".join(n["widgets_values"][0] for n in nodes_of(wf, "Note"))
     assert "SDXL checkpoint" in notes and "1024" in notes and "taesdxl_decoder" in notes and "vae_approx" in notes
     assert {n["type"] for n in wf["nodes"]} == {n["type"] for n in load("psedit_edit_sd15")["nodes"]}
+    # x0 on SDXL: 9.2 GiB at 1024 px already (README, GPU memory); the SD1.5 workflows run the full gradient
+    assert widgets(node_of(wf, "PSEditPerceptualGuidance"))["gradient"] == "x0"
+    assert [widgets(node_of(load(n), "PSEditPerceptualGuidance"))["gradient"]
+            for n in ("psedit_masked_edit_sd15", "psedit_ablation_sd15")] == ["full", "full"]
 
 
 @pytest.mark.parametrize("name", WORKFLOWS)
