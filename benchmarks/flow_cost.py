@@ -92,9 +92,10 @@ def guiders(family: str, model, size: int):
     return named
 
 
-def measure(family: str, blocks: tuple[int, int], size: int, warm: bool, repeat: int) -> tuple[float, list[dict]]:
-    """Parameters (millions) of this slice and one timed Euler step of each guidance on it (after an untimed
-    warm-up of the first three when ``warm``)."""
+def measure(family: str, blocks: tuple[int, int], size: int, repeat: int) -> tuple[float, list[dict]]:
+    """Parameters (millions) of this slice and one timed Euler step of each guidance on it, after an untimed
+    warm-up of the first three on every slice alike (the fit takes differences between slices, so a first-call
+    allocation measured on some slices and not on others would be multiplied into the estimate)."""
     import comfy.model_management as mm
     import comfy.samplers
     import comfy_extras.nodes_custom_sampler as ncs
@@ -114,9 +115,8 @@ def measure(family: str, blocks: tuple[int, int], size: int, warm: bool, repeat:
             ncs.SamplerCustomAdvanced().sample(noise, guider, euler, sigmas, latent)
 
     named = guiders(family, model, size)
-    if warm:  # the first slice: load LPIPS and the decoder, run every code path once, untimed
-        for _, guider, is_flowedit in named[:3]:
-            step(guider, is_flowedit)
+    for _, guider, is_flowedit in named[:3]:  # load LPIPS and the decoder, run the shared code paths once, untimed
+        step(guider, is_flowedit)
     rows = []
     for name, guider, is_flowedit in named:
         r = {"name": name}
@@ -155,8 +155,7 @@ def main() -> None:
 
     for family in args.family:
         slices, full = SLICES[family], FULL_BLOCKS[family]
-        measured = [measure(family, blocks, args.size, warm=i == 0, repeat=args.repeat)
-                    for i, blocks in enumerate(slices)]
+        measured = [measure(family, blocks, args.size, repeat=args.repeat) for blocks in slices]
         params = fit(slices, [p for p, _ in measured], full)
         rows = []
         for i, name in enumerate(r["name"] for r in measured[0][1]):

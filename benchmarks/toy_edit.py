@@ -141,14 +141,15 @@ def plot_sweep(rows: list[dict], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6, 4.5), dpi=120)
-    for family, marker in (("beta", "o"), ("strength", "s"), ("latent strength", "^")):
+    for family, marker in (("beta", "o"), ("strength", "s"), ("latent strength", "^"), ("flowedit edit CFG", "D")):
         pts = [r for r in rows if r["family"] == family]
         if not pts:
             continue
         ax.plot([r["bg_psnr"] for r in pts], [r["edit_success"] for r in pts], marker=marker,
                 label={"beta": "triple guidance: beta (no perceptual)",
                        "strength": "perceptual strength, target x0 (beta 3)",
-                       "latent strength": "perceptual strength, target latent (beta 3)"}[family])
+                       "latent strength": "perceptual strength, target latent (beta 3)",
+                       "flowedit edit CFG": "FlowEdit edit-caption CFG (source at 3.5 : 13.5 of it)"}[family])
         for r in pts:
             ax.annotate(f"{r['value']:g}", (r["bg_psnr"], r["edit_success"]), fontsize=7,
                         textcoords="offset points", xytext=(3, 3))
@@ -167,9 +168,10 @@ def world_weights(a: argparse.Namespace) -> Path:
 
 
 def inversion_method(config: str) -> str | None:
-    """The null schedule a row samples (its inversion computed once per photo): none for plain DDIM + CFG and for
-    FlowEdit, which needs no inversion."""
-    if config == "ddim_cfg" or FR.is_flowedit(config):
+    """The null schedule a row samples (its inversion computed once per photo): none for plain DDIM + CFG, for
+    Plug-and-Play (plain CFG against the empty prompt on its own inversion) and for FlowEdit, which needs no
+    inversion."""
+    if config == "ddim_cfg" or config.startswith("pnp") or FR.is_flowedit(config):
         return None
     return "negative-prompt" if config == "negprompt" else "null-text"
 
@@ -196,12 +198,12 @@ def run_edits(a: argparse.Namespace, indices: list[int], threads: int | None = N
     t_all = time.perf_counter()
     edits = E.make_edits(a.seed, a.n, version=version)
     methods = tuple(dict.fromkeys(inversion_method(c) for c in a.configs if inversion_method(c)))
-    if a.sweep_n and "null-text" not in methods:  # the sweep's rows sample null-text schedules
-        methods += ("null-text",)
     for i in indices:
         edit = edits[i]
         src = S.render(edit.source)[0]
-        inv = R.invert(world, src, edit.source_caption, edit.edit_caption, s, methods=methods)
+        # the sweep's rows (its first sweep_n edits) sample null-text schedules
+        need = methods + ("null-text",) if i < a.sweep_n and "null-text" not in methods else methods
+        inv = R.invert(world, src, edit.source_caption, edit.edit_caption, s, methods=need)
         truth = torch.from_numpy(edit.region()).float()[None]
         masks, iou, mask_seconds = {"masked_true": truth}, None, 0.0
         if "masked_estimated" in a.configs:  # the estimated Edit Mask, once per photo
@@ -234,8 +236,8 @@ def run_edits(a: argparse.Namespace, indices: list[int], threads: int | None = N
             variants += [("latent strength", v, "perceptual_x0", dataclasses.replace(s, strength=v), "latent")
                          for v in LATENT_STRENGTHS]
             if a.model == "flow":  # FlowEdit's edit-caption CFG, the source's at the paper's ratio (3.5 : 13.5)
-                variants += [("flowedit edit CFG", v, f"flowedit@{v * 3.5 / 13.5:.3g},{v:g}", s, a.perceptual_target)
-                             for v in FLOWEDIT_EDIT_CFGS]
+                variants += [("flowedit edit CFG", v, f"flowedit@{round(v * 3.5 / 13.5, 3):g},{v:g}", s,
+                              a.perceptual_target) for v in FLOWEDIT_EDIT_CFGS]
             for family, value, config, sv, target in variants:
                 row, _ = run_row(world, inv, edit, config, sv, metrics, src, masks, 0.0, target)
                 row.update(family=family, value=value, edit=i)

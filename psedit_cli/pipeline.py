@@ -187,16 +187,15 @@ def guider_for(config: str, models: Models, p: Prepared, s: Settings):
                                             window=pwindow)[0]
 
 
-# The families whose workflows run Perceptual Guidance with the full gradient (tools/make_workflows.py GRADIENT: the
-# toy world's table keeps +3.2 dB of background over x0; SD1.5 at 512 px needs 6.4 GiB); x0 on the others.
-FULL_GRADIENT_FAMILIES = ("SD15", "SD20")
-
-
 def gradient_for(model, gradient: str) -> str:
-    """``auto``: the workflows' choice for the model's family (:data:`FULL_GRADIENT_FAMILIES`); else as given."""
+    """``auto``: the workflows' choice (tools/make_workflows.py ``GRADIENT``, where the reasons are): ``full`` on
+    SD1.x / SD2.x models (their config classes and subclasses), whose gradient through the UNet fits 6.4 GiB at
+    512 px, ``x0`` on the others; anything else as given."""
     if gradient != "auto":
         return gradient
-    return "full" if type(model.model.model_config).__name__ in FULL_GRADIENT_FAMILIES else "x0"
+    import comfy.supported_models as sm
+
+    return "full" if isinstance(model.model.model_config, (sm.SD15, sm.SD20)) else "x0"
 
 
 def run_config(config: str, models: Models, p: Prepared, s: Settings) -> torch.Tensor:

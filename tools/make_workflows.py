@@ -50,6 +50,9 @@ PERCEPTUAL_STRENGTH = 1.0
 # +3.2 dB [2.1, 4.3] more background than x0 at equal edit success; SD1.5 at 512 px then needs 6.4 GiB instead of
 # 2.7 (README, *GPU memory*). SDXL at 1024 px already needs 9.2 GiB with x0, and full costs 4.5-5.5x a stock step and
 # 17-82 GiB on SD3.5 / Flux (benchmarks/flow_cost.py): x0 there.
+# psedit_cli.pipeline.gradient_for applies the same choice to `psedit edit/eval --gradient auto`. The Prompt-to-Prompt
+# workflow keeps x0: its guidance is optional there (strength 0 = off) and full was not measured through Attention
+# Control.
 GRADIENT = {"sd15": "full"}
 SOURCE, EDIT = "a cat sitting on a sofa", "a tiger sitting on a sofa"
 # Prompt-to-Prompt's and Plug-and-Play's defaults (the nodes' own): windows as fractions of the steps.

@@ -23,6 +23,7 @@ from psedit_cli.pipeline import Settings, nodes  # noqa: E402
 from psedit_toy import edits as E  # noqa: E402
 from psedit_toy import flow_model as F  # noqa: E402
 from psedit_toy import flow_rows as FR  # noqa: E402
+from psedit_toy import model as M  # noqa: E402
 from psedit_toy import run as R  # noqa: E402
 from psedit_toy import scenes as S  # noqa: E402
 
@@ -46,7 +47,8 @@ def colour_edits(world):
     """Four held-out colour edits, each with its conditioning and schedule (no inversion: FlowEdit needs none)."""
     s = Settings(steps=STEPS, lpips_net="squeeze")
     out = []
-    for edit in E.make_edits(1, 4, kinds=("colour",)):
+    version = M.manifest(F.WEIGHTS).get("data_version")  # the world the twin was trained on
+    for edit in E.make_edits(1, 4, kinds=("colour",), version=version):
         src = S.render(edit.source)[0]
         out.append((edit, src, R.invert(world, src, edit.source_caption, edit.edit_caption, s, methods=())))
     return s, out
