@@ -123,6 +123,8 @@ def test_perceptual_guidance_brings_flowedit_closer_to_the_photo(world, colour_e
         for config in lpips:
             lpips[config].append(float(metrics.lpips_map(flowedit(world, inv, s, TOY_CFG + config[8:]), src).mean()))
     record_property("lpips", lpips)
-    # measured: mean 0.444 -> 0.418, lower on each of the 4 edits (by 0.005 - 0.041)
+    # measured: mean 0.444 -> 0.418 with 2 torch threads, -> 0.408 with 1 (both trees). Single edits move with the
+    # thread count (edit 0: 0.570 / 0.517; edit 2 is 0.005 lower with 2 threads, 0.003 higher with 1): FlowEdit feeds
+    # every difference in the velocities back into the next step (see the same-caption test), the last bits of the
+    # LPIPS gradient included, so only the mean is asserted.
     assert np.mean(lpips["flowedit+perceptual"]) < np.mean(lpips["flowedit"]) - 0.02, lpips
-    assert all(p < f for p, f in zip(lpips["flowedit+perceptual"], lpips["flowedit"], strict=True)), lpips
