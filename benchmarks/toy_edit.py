@@ -32,9 +32,12 @@ negative-prompt, mask estimate and sampling: what that row costs from the photo)
 evaluations that costs (a forward pre-hook counts batch elements). ``--model flow`` runs the flow-matching twin.
 ``--jobs 2`` shares the edits between two processes (one torch thread each: the 2-core machine's fastest setting).
 Writes ``table.csv`` / ``table.md`` (one row per config), ``edits.csv`` (one row per edit and config), a grid PNG per
-edit, and unless ``--sweep-n 0`` a sweep over beta and perceptual strength (target x0, and target latent), and with
-``--model flow`` over FlowEdit's edit-caption CFG (the source's at the paper's ratio), on the first edits
-(``sweep.csv``, ``sweep.png``: edit success against preserved-background PSNR).
+edit, and unless ``--sweep-n 0`` a sweep on the first ``--sweep-n`` edits, one knob moved at a time from the
+defaults (``--sweep-knobs``: beta, perceptual strength with the x0 or full gradient or target latent, the end of
+triple guidance's window, null-text inversion's iterations, and with ``--model flow`` FlowEdit's edit-caption CFG,
+the source's at the paper's ratio): ``sweep.csv`` (each setting's means and 95% intervals), ``sweep_edits.csv`` (one
+row per edit and setting, named ``FAMILY=VALUE``, for paired differences: ``toy_paired.py DIR/sweep_edits.csv
+"beta=1:beta=3"``) and ``sweep.png`` (edit success and the asked attribute alone against preserved-background PSNR).
 """
 
 from __future__ import annotations
@@ -70,6 +73,13 @@ BETAS = (0.0, 1.0, 2.0, 3.0, 5.0, 7.5)
 STRENGTHS = (0.1, 0.3, 1.0, 3.0)
 LATENT_STRENGTHS = (0.03, 0.1, 0.3)  # target "latent": the latent moves this far (RMS) every window step
 FLOWEDIT_EDIT_CFGS = (2.0, 3.0, 4.5, 7.5, 13.5)  # --model flow: FlowEdit's edit-caption CFG (the paper's: 13.5)
+TEXT_WINDOW_ENDS = (0.2, 0.4, 0.6, 1.0)  # triple guidance's window 0-END (the workflows': 0.4)
+NULLTEXT_ITERATIONS = (2, 5, 10, 20)  # null-text inversion's inner iterations per step (the workflows': 10)
+# the sweep's knobs: --sweep-knobs KEY ...; each key's family name is its legend and sweep.csv's `family`
+KNOBS = {"beta": "beta", "strength": "strength", "full_strength": "full strength",
+         "latent_strength": "latent strength", "text_window": "text window end",
+         "nulltext_iterations": "null-text iterations", "flowedit_cfg": "flowedit edit CFG"}
+DEFAULT_KNOBS = ("beta", "strength", "latent_strength")  # + flowedit_cfg with --model flow
 
 
 def run_row(world, inv, edit, config, s, metrics, src, masks, extra_seconds, target="x0", extra_evals=0):
@@ -134,30 +144,38 @@ def write_csv(path: Path, rows: list[dict], columns: list[str]) -> None:
                         for c in columns})
 
 
+LEGEND = {"beta": "triple guidance: beta (no perceptual)", "strength": "perceptual strength, x0 gradient (beta 3)",
+          "full strength": "perceptual strength, full gradient (beta 3)",
+          "latent strength": "perceptual strength, target latent (beta 3)",
+          "text window end": "triple guidance's window end (beta 3)",
+          "null-text iterations": "null-text inversion's iterations (beta 3)",
+          "flowedit edit CFG": "FlowEdit edit-caption CFG (source at 3.5 : 13.5 of it)"}
+MARKERS = dict(zip(LEGEND, "os*^vPD", strict=True))
+
+
 def plot_sweep(rows: list[dict], path: Path) -> None:
+    """Each knob's settings as a line: edit success (left) and attribute reached (right, the asked attribute alone)
+    against preserved-background PSNR."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6, 4.5), dpi=120)
-    for family, marker in (("beta", "o"), ("strength", "s"), ("latent strength", "^"), ("flowedit edit CFG", "D")):
-        pts = [r for r in rows if r["family"] == family]
-        if not pts:
-            continue
-        ax.plot([r["bg_psnr"] for r in pts], [r["edit_success"] for r in pts], marker=marker,
-                label={"beta": "triple guidance: beta (no perceptual)",
-                       "strength": "perceptual strength, target x0 (beta 3)",
-                       "latent strength": "perceptual strength, target latent (beta 3)",
-                       "flowedit edit CFG": "FlowEdit edit-caption CFG (source at 3.5 : 13.5 of it)"}[family])
-        for r in pts:
-            ax.annotate(f"{r['value']:g}", (r["bg_psnr"], r["edit_success"]), fontsize=7,
-                        textcoords="offset points", xytext=(3, 3))
-    ax.set_xlabel("background PSNR vs the photo, dB (outside the true edit region)")
-    ax.set_ylabel("edit success (fraction)")
-    ax.set_title("Toy world: edit strength vs what is kept")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.5), dpi=120, sharex=True)
+    for ax, column, label in ((axes[0], "edit_success", "edit success (fraction)"),
+                              (axes[1], "attribute_reached", "asked attribute reached (fraction)")):
+        for family in dict.fromkeys(r["family"] for r in rows):
+            pts = [r for r in rows if r["family"] == family]
+            ax.plot([r["bg_psnr"] for r in pts], [r[column] for r in pts], marker=MARKERS.get(family, "x"),
+                    label=LEGEND.get(family, family))
+            for r in pts:
+                ax.annotate(f"{r['value']:g}", (r["bg_psnr"], r[column]), fontsize=7,
+                            textcoords="offset points", xytext=(3, 3))
+        ax.set_xlabel("background PSNR vs the photo, dB (outside the true edit region)")
+        ax.set_ylabel(label)
+        ax.grid(alpha=0.3)
+    axes[0].set_title("Toy world: edit strength vs what is kept")
+    axes[1].legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path)
 
@@ -230,19 +248,44 @@ def run_edits(a: argparse.Namespace, indices: list[int], threads: int | None = N
               f"success {[int(r['edit_success']) for r in rows[-len(a.configs):]]} "
               f"{mask_note}({time.perf_counter() - t_all:.0f} s)", flush=True)
         if i < a.sweep_n:
-            variants = [("beta", b, "textopt", dataclasses.replace(s, beta=b), a.perceptual_target) for b in BETAS]
-            variants += [("strength", v, "perceptual_x0", dataclasses.replace(s, strength=v), a.perceptual_target)
-                         for v in STRENGTHS]
-            variants += [("latent strength", v, "perceptual_x0", dataclasses.replace(s, strength=v), "latent")
-                         for v in LATENT_STRENGTHS]
-            if a.model == "flow":  # FlowEdit's edit-caption CFG, the source's at the paper's ratio (3.5 : 13.5)
-                variants += [("flowedit edit CFG", v, f"flowedit@{round(v * 3.5 / 13.5, 3):g},{v:g}", s,
-                              a.perceptual_target) for v in FLOWEDIT_EDIT_CFGS]
-            for family, value, config, sv, target in variants:
-                row, _ = run_row(world, inv, edit, config, sv, metrics, src, masks, 0.0, target)
-                row.update(family=family, value=value, edit=i)
+            for family, value, config, sv, target in sweep_variants(a, s):
+                row_inv, extra = inv, 0.0
+                if family == KNOBS["nulltext_iterations"]:  # its own null-text schedule, its time in the row's
+                    extra = inv.seconds["null-text"]
+                    if sv.inner_iterations != s.inner_iterations:
+                        t = time.perf_counter()
+                        row_inv = R.with_null_text(world, inv, sv)
+                        extra = time.perf_counter() - t
+                row, _ = run_row(world, row_inv, edit, config, sv, metrics, src, masks, extra, target)
+                row.update(family=family, value=value, edit=i, config=f"{family}={value:g}", kind=edit.kind)
                 sweep_rows.append(row)
     return rows, sweep_rows
+
+
+def sweep_variants(a: argparse.Namespace, s: Settings) -> list[tuple[str, float, str, Settings, str]]:
+    """(family, value, config, settings, perceptual target) of each sweep row: one knob moved from the defaults."""
+    variants = []
+    for knob in a.sweep_knobs:
+        family = KNOBS[knob]
+        if knob == "beta":
+            variants += [(family, b, "textopt", dataclasses.replace(s, beta=b), a.perceptual_target) for b in BETAS]
+        elif knob in ("strength", "full_strength"):
+            config = "perceptual_full" if knob == "full_strength" else "perceptual_x0"
+            variants += [(family, v, config, dataclasses.replace(s, strength=v), a.perceptual_target)
+                         for v in STRENGTHS]
+        elif knob == "latent_strength":
+            variants += [(family, v, "perceptual_x0", dataclasses.replace(s, strength=v), "latent")
+                         for v in LATENT_STRENGTHS]
+        elif knob == "text_window":
+            variants += [(family, v, "textopt", dataclasses.replace(s, text_window=(0.0, v)), a.perceptual_target)
+                         for v in TEXT_WINDOW_ENDS]
+        elif knob == "nulltext_iterations":  # the textopt row on a null-text schedule of other iterations
+            variants += [(family, k, "textopt", dataclasses.replace(s, inner_iterations=k), a.perceptual_target)
+                         for k in NULLTEXT_ITERATIONS]
+        elif knob == "flowedit_cfg":  # FlowEdit's edit-caption CFG, the source's at the paper's ratio (3.5 : 13.5)
+            variants += [(family, v, f"flowedit@{round(v * 3.5 / 13.5, 3):g},{v:g}", s, a.perceptual_target)
+                         for v in FLOWEDIT_EDIT_CFGS]
+    return variants
 
 
 def main() -> None:
@@ -252,6 +295,10 @@ def main() -> None:
     p.add_argument("--out", type=Path, default=Path("bench_out/toy_edit"))
     p.add_argument("--steps", type=int, default=50)
     p.add_argument("--sweep-n", type=int, default=4, help="edits in the beta/strength sweep (0: no sweep)")
+    p.add_argument("--sweep-knobs", nargs="+", choices=list(KNOBS), default=None,
+                   help=f"the sweep's knobs, each moved alone from the defaults (default: {' '.join(DEFAULT_KNOBS)}; "
+                   "--model flow adds flowedit_cfg); full_strength is the strength sweep with the full gradient, "
+                   "text_window the end of triple guidance's window")
     p.add_argument("--configs", nargs="*", default=None,
                    help=f"rows (default: {' '.join(R.CONFIGS)}; --model flow adds {' '.join(FR.FLOW_CONFIGS)}; "
                    "a FlowEdit row's CFG scales: flowedit@SOURCE,EDIT, default the paper's 3.5,13.5)")
@@ -269,7 +316,10 @@ def main() -> None:
     a = p.parse_args()
     if a.configs is None:
         a.configs = list(R.CONFIGS) + (list(FR.FLOW_CONFIGS) if a.model == "flow" else [])
-    flowedit = [c for c in a.configs if FR.is_flowedit(c)]
+    if a.sweep_knobs is None:
+        a.sweep_knobs = list(DEFAULT_KNOBS) + (["flowedit_cfg"] if a.model == "flow" else [])
+    flowedit = [c for c in a.configs if FR.is_flowedit(c)] + (["--sweep-knobs flowedit_cfg"]
+                                                              if "flowedit_cfg" in a.sweep_knobs else [])
     if flowedit and a.model != "flow":
         p.error(f"{', '.join(flowedit)}: FlowEdit runs on flow models only; pass --model flow")
     if a.sweep_n > 0:
@@ -316,17 +366,20 @@ def main() -> None:
             f"{device_name()}; total {time.perf_counter() - t_all:.0f} s\n")
     if sweep_rows:
         agg = []
-        for family in dict.fromkeys(r["family"] for r in sweep_rows):
-            for value in dict.fromkeys(r["value"] for r in sweep_rows if r["family"] == family):
-                group = [r for r in sweep_rows if r["family"] == family and r["value"] == value]
-                agg.append({"family": family, "value": value,
-                            **{c: float(np.mean([g[c] for g in group])) for c in ("edit_success", "bg_psnr",
-                                                                                   "bg_lpips", "psnr")}})
-        write_csv(a.out / "sweep.csv", agg, ["family", "value", "edit_success", "bg_psnr", "bg_lpips", "psnr"])
+        for config in dict.fromkeys(r["config"] for r in sweep_rows):  # FAMILY=VALUE, with intervals
+            group = [r for r in sweep_rows if r["config"] == config]
+            agg.append({"family": group[0]["family"], "value": group[0]["value"], **mean_rows(group, "config")[0]})
+        write_csv(a.out / "sweep.csv", agg, ["family", "value", *TABLE_COLUMNS[1:]])
+        # one row per edit and setting, named FAMILY=VALUE: benchmarks/toy_paired.py DIR/sweep_edits.csv "beta=1:beta=3"
+        write_csv(a.out / "sweep_edits.csv", sweep_rows, ["edit", "kind", "family", "value", *COLUMNS])
         plot_sweep(agg, a.out / "sweep.png")
-        text += "\nSweep (first {} edits):\n\n{}\n".format(a.sweep_n, table(
-            agg, [("family", "knob", "s"), ("value", "value", "g"), ("edit_success", "edit success", ".2f"),
-                  ("bg_psnr", "bg PSNR", ".2f"), ("bg_lpips", "bg LPIPS", ".3f"), ("psnr", "PSNR", ".2f")]))
+        cells = [{**r, **{f"{c}_ci": with_interval(r, c, f) for c, f in (("edit_success", ".2f"), ("bg_psnr", ".2f"),
+                                                                         ("bg_lpips", ".3f"))}} for r in agg]
+        text += "\nSweep (first {} edits; paired differences: toy_paired.py DIR/sweep_edits.csv):\n\n{}\n".format(
+            a.sweep_n, table(cells, [("family", "knob", "s"), ("value", "value", "g"),
+                                     ("edit_success_ci", "edit success [95% CI]", "s"),
+                                     ("bg_psnr_ci", "bg PSNR [95% CI]", "s"), ("bg_lpips_ci", "bg LPIPS [95% CI]", "s"),
+                                     ("psnr", "PSNR", ".2f")]))
     (a.out / "table.md").write_text(text)
     print(text)
 

@@ -101,10 +101,24 @@ def invert(world: World, rgb: np.ndarray, source: str, edit: str, s: pipeline.Se
         schedules = {}
         for method in methods:
             t = time.perf_counter()
-            schedules[method] = n.nulltext.NullTextInversion.execute(
-                world.model, payload, null, src, s.gamma, method, s.inner_iterations, 1e-5, 0.01)[0]
+            schedules[method] = null_schedule(world, payload, null, src, s, method)
             seconds[method], evals[method] = time.perf_counter() - t, counter.take()
     return Inverted(image, sigmas, inverted, payload, null, src, edt, schedules, seconds, evals)
+
+
+def null_schedule(world: World, payload, null: list, source: list, s: pipeline.Settings, method: str):
+    """PSEdit Null-Text Inversion's schedule (``method`` null-text or negative-prompt) for an inversion's payload,
+    with ``s.inner_iterations`` and the node's early stop (1e-5) and learning rate (0.01)."""
+    with torch.inference_mode():
+        return pipeline.nodes().nulltext.NullTextInversion.execute(
+            world.model, payload, null, source, s.gamma, method, s.inner_iterations, 1e-5, 0.01)[0]
+
+
+def with_null_text(world: World, inv: Inverted, s: pipeline.Settings) -> Inverted:
+    """``inv`` with its null-text schedule recomputed for ``s`` (e.g. other ``inner_iterations``), the DDIM
+    inversion shared."""
+    return dataclasses.replace(inv, schedules={**inv.schedules, "null-text": null_schedule(
+        world, inv.payload, inv.null, inv.source, s, "null-text")})
 
 
 class EvalCounter:
