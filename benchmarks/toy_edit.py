@@ -3,13 +3,13 @@
     COMFYUI_PATH=/path/to/ComfyUI python benchmarks/toy_edit.py [--seed 0] [--n 32] [--jobs 2] [--out DIR]
 
 For ``--n`` held-out scenes and edits (colour, shape, background, toward an unseen colour x shape pair, in turn;
-``psedit_toy.edits``), every row below shares one DDIM inversion (refine 2) of the source photo's TAESD latent
-and the workflow defaults (50 steps, gamma 7.5, beta 3, text window 0-0.4, perceptual strength 1.0 normalized
-in 0.2-0.8, LPIPS through TAESD, 10 null-text iterations), except Perceptual Guidance's LPIPS trunk: squeeze, not
-the workflows' vgg (``--lpips-net vgg``), at 24 ms a call instead of 344 ms (128 px, one thread), called forward and
-backward at 30 of each perceptual row's 50 steps. ``benchmarks/lpips_trunks.py`` on the 256 results of the first
-32-edit table: squeeze orders them as vgg does at Spearman 0.92 over all results and 0.78 within an edit, alex at
-0.82 and 0.63 (that table ran with alex, chosen from 8 edits where the two were even):
+``psedit_toy.edits``), every row below shares one DDIM inversion (refine 2) of the source photo's TAESD latent and
+the workflow defaults (50 steps, gamma 7.5, beta 3, text window 0-0.4, perceptual strength 1 with the x0 gradient or
+3 with full, normalized, in 0.2-0.8, LPIPS through TAESD, 10 null-text iterations), except Perceptual Guidance's
+LPIPS trunk: squeeze, not the workflows' vgg (``--lpips-net vgg``), at 24 ms a call instead of 344 ms (128 px, one
+thread), called forward and backward at 30 of each perceptual row's 50 steps. ``benchmarks/lpips_trunks.py`` on the
+256 results of the first 32-edit table: squeeze orders them as vgg does at Spearman 0.92 over all results and 0.78
+within an edit, alex at 0.82 and 0.63 (that table ran with alex, chosen from 8 edits where the two were even):
 
 | config | what runs |
 |---|---|
@@ -34,10 +34,11 @@ evaluations that costs (a forward pre-hook counts batch elements). ``--model flo
 Writes ``table.csv`` / ``table.md`` (one row per config), ``edits.csv`` (one row per edit and config), a grid PNG per
 edit, and unless ``--sweep-n 0`` a sweep on the first ``--sweep-n`` edits, one knob moved at a time from the
 defaults (``--sweep-knobs``: beta, perceptual strength with the x0 or full gradient or target latent, the end of
-triple guidance's window, null-text inversion's iterations, and with ``--model flow`` FlowEdit's edit-caption CFG,
-the source's at the paper's ratio): ``sweep.csv`` (each setting's means and 95% intervals), ``sweep_edits.csv`` (one
-row per edit and setting, named ``FAMILY=VALUE``, for paired differences: ``toy_paired.py DIR/sweep_edits.csv
-"beta=1:beta=3"``) and ``sweep.png`` (edit success and the asked attribute alone against preserved-background PSNR).
+triple guidance's window, null-text inversion's iterations, beta under full-gradient perceptual guidance at
+``--strength``, and with ``--model flow`` FlowEdit's edit-caption CFG, the source's at the paper's ratio):
+``sweep.csv`` (each setting's means and 95% intervals), ``sweep_edits.csv`` (one row per edit and setting, named
+``FAMILY=VALUE``, for paired differences: ``toy_paired.py DIR/sweep_edits.csv "beta=1:beta=3"``) and ``sweep.png``
+(edit success and the asked attribute alone against preserved-background PSNR).
 """
 
 from __future__ import annotations
@@ -75,10 +76,12 @@ LATENT_STRENGTHS = (0.03, 0.1, 0.3)  # target "latent": the latent moves this fa
 FLOWEDIT_EDIT_CFGS = (2.0, 3.0, 4.5, 7.5, 13.5)  # --model flow: FlowEdit's edit-caption CFG (the paper's: 13.5)
 TEXT_WINDOW_ENDS = (0.2, 0.4, 0.6, 1.0)  # triple guidance's window 0-END (the workflows': 0.4)
 NULLTEXT_ITERATIONS = (2, 5, 10, 20)  # null-text inversion's inner iterations per step (the workflows': 10)
+FULL_BETAS = (0.0, 1.0, 3.0)  # beta under full-gradient perceptual guidance (at --strength)
 # the sweep's knobs: --sweep-knobs KEY ...; each key's family name is its legend and sweep.csv's `family`
 KNOBS = {"beta": "beta", "strength": "strength", "full_strength": "full strength",
          "latent_strength": "latent strength", "text_window": "text window end",
-         "nulltext_iterations": "null-text iterations", "flowedit_cfg": "flowedit edit CFG"}
+         "nulltext_iterations": "null-text iterations", "full_beta": "beta, full gradient",
+         "flowedit_cfg": "flowedit edit CFG"}
 DEFAULT_KNOBS = ("beta", "strength", "latent_strength")  # + flowedit_cfg with --model flow
 
 
@@ -149,8 +152,9 @@ LEGEND = {"beta": "triple guidance: beta (no perceptual)", "strength": "perceptu
           "latent strength": "perceptual strength, target latent (beta 3)",
           "text window end": "triple guidance's window end (beta 3)",
           "null-text iterations": "null-text inversion's iterations (beta 3)",
+          "beta, full gradient": "beta, with full-gradient perceptual guidance",
           "flowedit edit CFG": "FlowEdit edit-caption CFG (source at 3.5 : 13.5 of it)"}
-MARKERS = dict(zip(LEGEND, "os*^vPD", strict=True))
+MARKERS = dict(zip(LEGEND, "os*^vPXD", strict=True))
 
 
 def plot_sweep(rows: list[dict], path: Path) -> None:
@@ -211,7 +215,7 @@ def run_edits(a: argparse.Namespace, indices: list[int], threads: int | None = N
     lpips_dirs = nodes()._comfy.lpips_search_dirs()
     folder_paths.add_model_folder_path("vae_approx", str(SHARED_TAESD))
     metrics = R.Metrics(lpips_dirs)
-    s = Settings(steps=a.steps, lpips_net=a.lpips_net)
+    s = Settings(steps=a.steps, lpips_net=a.lpips_net, strength=a.strength)
     rows, sweep_rows = [], []
     t_all = time.perf_counter()
     edits = E.make_edits(a.seed, a.n, version=version)
@@ -279,6 +283,9 @@ def sweep_variants(a: argparse.Namespace, s: Settings) -> list[tuple[str, float,
         elif knob == "text_window":
             variants += [(family, v, "textopt", dataclasses.replace(s, text_window=(0.0, v)), a.perceptual_target)
                          for v in TEXT_WINDOW_ENDS]
+        elif knob == "full_beta":  # beta with full-gradient perceptual guidance on, at the run's strength
+            variants += [(family, b, "perceptual_full", dataclasses.replace(s, beta=b), a.perceptual_target)
+                         for b in FULL_BETAS]
         elif knob == "nulltext_iterations":  # the textopt row on a null-text schedule of other iterations
             variants += [(family, k, "textopt", dataclasses.replace(s, inner_iterations=k), a.perceptual_target)
                          for k in NULLTEXT_ITERATIONS]
@@ -295,6 +302,9 @@ def main() -> None:
     p.add_argument("--out", type=Path, default=Path("bench_out/toy_edit"))
     p.add_argument("--steps", type=int, default=50)
     p.add_argument("--sweep-n", type=int, default=4, help="edits in the beta/strength sweep (0: no sweep)")
+    p.add_argument("--strength", type=float, default=None,
+                   help="Perceptual Guidance's strength in every perceptual row and the sweep's base (default: the "
+                   "workflows', 3 with the full gradient, 1 with x0: psedit_cli.pipeline.STRENGTH)")
     p.add_argument("--sweep-knobs", nargs="+", choices=list(KNOBS), default=None,
                    help=f"the sweep's knobs, each moved alone from the defaults (default: {' '.join(DEFAULT_KNOBS)}; "
                    "--model flow adds flowedit_cfg); full_strength is the strength sweep with the full gradient, "

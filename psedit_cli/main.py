@@ -62,8 +62,8 @@ def _common_options() -> argparse.ArgumentParser:
                    help="fraction of the steps with text guidance optimisation (default 0 0.4)")
     c.add_argument("--perceptual-window", type=float, nargs=2, default=[0.2, 0.8], metavar=("START", "END"),
                    help="fraction of the steps with perceptual guidance (default 0.2 0.8)")
-    c.add_argument("--strength", type=float, default=1.0, help="perceptual guidance step, RMS change of the x0 "
-                   "prediction per step (default 1.0)")
+    c.add_argument("--strength", type=float, default=None, help="perceptual guidance step, RMS change of the x0 "
+                   "prediction per step (default: the workflows', 3 with the full gradient, 1 with x0)")
     c.add_argument("--gradient", default="auto", choices=["auto", "x0", "full"],
                    help="perceptual guidance gradient: full (through the model too, the paper's; more memory and "
                    "time), x0 (through the decoder only), auto (default: the workflows' choice, full on SD1.x / "
@@ -89,7 +89,7 @@ def settings_from(a) -> pipeline.Settings:
     if a.steps < 1:
         raise SetupError(f"--steps must be at least 1, got {a.steps}")
     for name in ("gamma", "beta", "strength"):
-        if not math.isfinite(getattr(a, name)):
+        if getattr(a, name) is not None and not math.isfinite(getattr(a, name)):
             raise SetupError(f"--{name} must be a finite number")
     for name in ("text_window", "perceptual_window"):
         start, end = getattr(a, name)

@@ -95,5 +95,6 @@ def guider(config: str, world, inv, edit: E.Edit, s: pipeline.Settings, target: 
         if "+perceptual" not in config:
             return inner
         pwindow = g.StepWindowNode.execute(*s.perceptual_window)[0]
-        return g.PerceptualGuidanceNode.execute(inner, world.vae, p.image, s.strength, s.lpips_net, "x0", s.decoder,
-                                                "normalized", window=pwindow, mask=mask, target=target)[0]
+        return g.PerceptualGuidanceNode.execute(inner, world.vae, p.image, pipeline.strength_for("x0", s.strength),
+                                                s.lpips_net, "x0", s.decoder, "normalized", window=pwindow, mask=mask,
+                                                target=target)[0]

@@ -60,8 +60,9 @@ def guider(config: str, world, inv, s: pipeline.Settings, mask: torch.Tensor | N
             return g
         pg = n.guidance
         window = pg.StepWindowNode.execute(*s.perceptual_window)[0]
-        return pg.PerceptualGuidanceNode.execute(g, world.vae, inv.image, s.strength, s.lpips_net, "x0", s.decoder,
-                                                 "normalized", window=window, target=target)[0]
+        return pg.PerceptualGuidanceNode.execute(g, world.vae, inv.image, pipeline.strength_for("x0", s.strength),
+                                                 s.lpips_net, "x0", s.decoder, "normalized", window=window,
+                                                 target=target)[0]
 
 
 def sample(world, inv, g) -> np.ndarray:

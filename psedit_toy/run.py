@@ -168,14 +168,15 @@ def guider(config: str, world: World, inv: Inverted, s: pipeline.Settings, mask:
     p = inv.prepared(method)
     window = n.StepWindowNode.execute(*s.text_window)[0]
     g = n.TripleGuiderNode.execute(world.model, p.null, p.source, p.edit, s.gamma, s.beta, window, p.schedule)[0]
-    if config == "textopt" or s.strength == 0:
-        return g
     if config == "perceptual_full":
         gradient = "full"
-    elif config not in ("perceptual_x0", "masked_estimated", "masked_true", "negprompt"):
+    elif config not in ("textopt", "perceptual_x0", "masked_estimated", "masked_true", "negprompt"):
         raise ValueError(f"unknown configuration {config!r}: use one of {', '.join(CONFIGS)}")
+    strength = pipeline.strength_for(gradient, s.strength)
+    if config == "textopt" or strength == 0:
+        return g
     pwindow = n.StepWindowNode.execute(*s.perceptual_window)[0]
-    return n.PerceptualGuidanceNode.execute(g, world.vae, p.image, s.strength, s.lpips_net, gradient, s.decoder,
+    return n.PerceptualGuidanceNode.execute(g, world.vae, p.image, strength, s.lpips_net, gradient, s.decoder,
                                             "normalized", window=pwindow,
                                             mask=mask if config.startswith("masked") else None,
                                             target=target)[0]

@@ -42,9 +42,11 @@ SCHEDULER = "ddim_uniform"
 GAMMA, BETA = 7.5, 3.0
 TEXT_WINDOW = (0.0, 0.4)  # "first 20 of 50 steps"
 PERCEPTUAL_WINDOW = (0.2, 0.8)
-# step "normalized", target "x0": RMS of the correction of the x0 prediction per step. 1.0 from the toy world
-# (benchmarks/toy_perceptual.py): 0.1 changed nothing measurable; 1-3 raised background PSNR at the same edit success.
-PERCEPTUAL_STRENGTH = 1.0
+# step "normalized", target "x0": RMS of the correction of the x0 prediction per step, per gradient (below). With the
+# full gradient 3: on the toy world's 32-edit sweep (README, *The toy world*) it keeps +1.3 dB [0.5, 2.2] more
+# background than 1 (LPIPS -0.05, edit success +0.06 [0.00, 0.16]); x0 keeps the node's default 1 (its 32-edit sweep
+# was not run). psedit_cli.pipeline.STRENGTH holds the same for `psedit edit/eval` (tests/workflows checks the two).
+STRENGTH = {"full": 3.0, "x0": 1.0}
 # Perceptual Guidance's gradient per family: "full" (through the model too, the paper's) where its memory is modest,
 # "x0" (through the decoder only) elsewhere. On the toy world's 32-edit table (README, *The toy world*) full keeps
 # +3.2 dB [2.1, 4.3] more background than x0 at equal edit success; SD1.5 at 512 px then needs 6.4 GiB instead of
@@ -350,7 +352,7 @@ def perceptual(g: Graph, s: dict, inner: dict, col: int, y: float, decoder: dict
     node, so the missing-models dialog offers it; ``gradient`` from :data:`GRADIENT` for the family."""
     w = window(g, col, y, PERCEPTUAL_WINDOW, "perceptual guidance window")
     node = g.add("PSEditPerceptualGuidance", col, y,
-                 {"strength": PERCEPTUAL_STRENGTH, "lpips_net": "vgg", "gradient": gradient, "decoder": decoder["name"],
+                 {"strength": STRENGTH[gradient], "lpips_net": "vgg", "gradient": gradient, "decoder": decoder["name"],
                   "step": "normalized", "pixel_weight": 0.0}, title=title, width=340, models=[decoder])
     g.link(inner, "GUIDER", node, "guider")
     g.link(s["ckpt"], "VAE", node, "vae")
@@ -420,7 +422,7 @@ def knobs_note(taesd: str, gradient: str) -> str:
         f"Null-Text Inversion's guidance ({GAMMA}).\n"
         f"- text guidance window {TEXT_WINDOW[0]}-{TEXT_WINDOW[1]}: triple guidance in the first 40% of the steps "
         "(the paper's first 20 of 50); plain CFG on the edit caption after that.\n"
-        f"- Perceptual Guidance strength {PERCEPTUAL_STRENGTH} (0.3-3; 0 = off; larger keeps more of the photo) "
+        f"- Perceptual Guidance strength {STRENGTH[gradient]:.1f} (0.3-3; 0 = off; larger keeps more of the photo) "
         "pulls the result toward "
         f"the photo by LPIPS in its window ({PERCEPTUAL_WINDOW[0]}-{PERCEPTUAL_WINDOW[1]}). Its decoder, "
         f"{taesd}_decoder.safetensors, goes in models/vae_approx (offered when the workflow loads; or choose 'vae': "
@@ -574,7 +576,7 @@ def p2p_knobs_note() -> str:
         f"Prompt-to-Prompt edits. beta {BETA} with a text guidance window (PSEdit Step Window "
         f"{TEXT_WINDOW[0]}-{TEXT_WINDOW[1]}) adds the paper's triple guidance; keep gamma equal to Null-Text "
         "Inversion's guidance.\n"
-        f"- Perceptual Guidance (optional) strength {PERCEPTUAL_STRENGTH} (0 = off; or bypass the node, "
+        f"- Perceptual Guidance (optional) strength {STRENGTH['x0']:.1f} (0 = off; or bypass the node, "
         "Ctrl+B) pulls the result toward the photo by LPIPS in its window "
         f"({PERCEPTUAL_WINDOW[0]}-{PERCEPTUAL_WINDOW[1]}). Its decoder, taesd_decoder.safetensors, goes in "
         "models/vae_approx (offered when the workflow loads); the LPIPS trunk is downloaded once by torchvision, "
@@ -711,7 +713,7 @@ def flow_knobs_note(family: str) -> str:
     return text + (
         f"- text guidance window {TEXT_WINDOW[0]}-{TEXT_WINDOW[1]}: triple guidance in the first 40% of the steps; "
         "the edit caption alone (" + ("plain Flux" if family == "flux" else "plain CFG") + ") after that.\n"
-        f"- Perceptual Guidance strength {PERCEPTUAL_STRENGTH} (0.3-3; 0 = off; larger keeps more of the photo) "
+        f"- Perceptual Guidance strength {STRENGTH['x0']:.1f} (0.3-3; 0 = off; larger keeps more of the photo) "
         "pulls the result toward "
         f"the photo by LPIPS in its window ({PERCEPTUAL_WINDOW[0]}-{PERCEPTUAL_WINDOW[1]}). Its decoder, "
         f"{TAESD[family]['name']}, goes in models/vae_approx (offered when the workflow loads; or choose 'vae': exact, "

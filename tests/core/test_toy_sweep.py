@@ -26,23 +26,25 @@ def toy_edit():
 
 def test_each_sweep_setting_moves_one_knob(toy_edit):
     te, _ = toy_edit
-    from psedit_cli.pipeline import Settings
+    from psedit_cli.pipeline import Settings, strength_for
 
     s = Settings(lpips_net="squeeze")
     a = argparse.Namespace(sweep_knobs=["beta", "text_window", "full_strength", "nulltext_iterations",
-                                         "flowedit_cfg"], perceptual_target="x0")
+                                         "full_beta", "flowedit_cfg"], perceptual_target="x0")
     variants = te.sweep_variants(a, s)
     by = {}
     for family, value, config, sv, _ in variants:
         by.setdefault(family, []).append(value)
-        moved = {f for f in ("beta", "strength", "text_window", "inner_iterations") if getattr(sv, f) != getattr(s, f)}
-        knob, default = {"beta": ("beta", s.beta), "full strength": ("strength", s.strength),
+        moved = {f for f in ("beta", "text_window", "inner_iterations") if getattr(sv, f) != getattr(s, f)}
+        moved |= {"strength"} if strength_for("full", sv.strength) != strength_for("full", s.strength) else set()
+        knob, default = {"beta": ("beta", s.beta), "full strength": ("strength", strength_for("full", s.strength)),
                          "text window end": ("text_window", s.text_window[1]),
                          "null-text iterations": ("inner_iterations", s.inner_iterations),
+                         "beta, full gradient": ("beta", s.beta),
                          "flowedit edit CFG": (None, None)}[family]
         assert moved == (set() if knob is None or value == default else {knob}), (family, value, moved)
-        if family == "full strength":
-            assert config == "perceptual_full" and sv.strength == value
+        if family in ("full strength", "beta, full gradient"):
+            assert config == "perceptual_full" and (sv.strength if family == "full strength" else sv.beta) == value
         if family == "text window end":
             assert config == "textopt" and sv.text_window == (0.0, value)
         if family == "flowedit edit CFG":
@@ -50,9 +52,10 @@ def test_each_sweep_setting_moves_one_knob(toy_edit):
             assert edit == value and src == pytest.approx(value * 3.5 / 13.5, abs=1e-3)
     assert by == {"beta": list(te.BETAS), "text window end": list(te.TEXT_WINDOW_ENDS),
                   "full strength": list(te.STRENGTHS), "null-text iterations": list(te.NULLTEXT_ITERATIONS),
+                  "beta, full gradient": list(te.FULL_BETAS),
                   "flowedit edit CFG": list(te.FLOWEDIT_EDIT_CFGS)}
     # the workflow defaults are among each knob's settings, so every sweep has its baseline row
-    assert s.beta in te.BETAS and s.text_window[1] in te.TEXT_WINDOW_ENDS and s.strength in te.STRENGTHS
+    assert s.beta in te.BETAS and s.text_window[1] in te.TEXT_WINDOW_ENDS and strength_for("full", None) in te.STRENGTHS
     assert s.inner_iterations in te.NULLTEXT_ITERATIONS
 
 

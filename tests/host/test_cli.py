@@ -184,6 +184,9 @@ def test_perceptual_gradient_follows_the_workflows(models, dataset):
     assert pipeline.gradient_for(models.model, "auto") == "full"
     assert pipeline.gradient_for(tiny.build_tiny("sdxl"), "auto") == "x0"
     assert pipeline.gradient_for(models.model, "x0") == "x0"
+    # the strength follows the gradient as in the workflows (tests/workflows checks their widgets against STRENGTH)
+    assert (pipeline.strength_for("full", None), pipeline.strength_for("x0", None)) == (3.0, 1.0)
+    assert pipeline.strength_for("full", 0.5) == 0.5 and SETTINGS.strength is None
     images, _ = dataset
     p = pipeline.prepare(models, load_photo(images / "chelsea.png"), "a cat", "a tiger", SETTINGS)
     out = {g: pipeline.run_config("perceptual", models, p, dataclasses.replace(SETTINGS, gradient=g))
@@ -198,7 +201,7 @@ def test_parser_defaults_and_required():
     parsed = build_parser().parse_args(["edit", "--checkpoint", "c", "--image", "i.png", "--source", "a", "--edit",
                                         "b", "--out", "o.png", "--text-window", "0", "0.3", "--method", "none"])
     assert parsed.text_window == [0.0, 0.3] and parsed.method == "none" and parsed.config == "perceptual"
-    assert (parsed.steps, parsed.gamma, parsed.beta, parsed.strength) == (50, 7.5, 3.0, 1.0)
+    assert (parsed.steps, parsed.gamma, parsed.beta, parsed.strength) == (50, 7.5, 3.0, None)  # strength: auto
     assert (parsed.lpips_net, parsed.decoder, parsed.inner_iterations, parsed.resize) == ("vgg", "taesd", 10, 0)
     assert parsed.perceptual_window == [0.2, 0.8] and parsed.gradient == "auto"
     for bad in (["eval", "--checkpoint", "c"], ["edit", "--checkpoint", "c", "--image", "i", "--source", "a",

@@ -171,13 +171,23 @@ def test_edit_workflow_settings():
     # full: through the model too, the paper's gradient (+3.2 dB of background over x0 on the toy world's table)
     assert (w["lpips_net"], w["gradient"], w["decoder"], w["step"]) == (
         "vgg", "full", "taesd_decoder.safetensors", "normalized")
-    assert 0.3 <= w["strength"] <= 3  # the range that acts on the toy world without holding the edit back
+    assert w["strength"] == 3.0  # with the full gradient: +1.3 dB [0.5, 2.2] of background over 1 (toy world)
     run = node_of(wf, "SamplerCustomAdvanced")
     assert source_of(wf, run, "noise")["type"] == "DisableNoise"
     assert widgets(source_of(wf, run, "sampler")) == {"sampler_name": "euler"}
     assert source_of(wf, run, "latent_image")["type"] == "PSEditDDIMInvert"
     assert source_of(wf, run, "sigmas") is source_of(wf, node_of(wf, "PSEditDDIMInvert"), "sigmas")
     assert source_of(wf, run, "guider") is perceptual
+
+
+@pytest.mark.parametrize("name", WORKFLOWS)
+def test_perceptual_strength_is_the_clis(name):
+    """Every Perceptual Guidance's strength is the one `psedit edit/eval` uses with its gradient by default."""
+    from psedit_cli.pipeline import STRENGTH
+
+    for node in nodes_of(load(name), "PSEditPerceptualGuidance"):
+        w = widgets(node)
+        assert w["strength"] == STRENGTH[w["gradient"]], (name, w["gradient"], w["strength"])
 
 
 def test_ablation_is_figure_3():
