@@ -57,7 +57,8 @@ def _common_options() -> argparse.ArgumentParser:
     c.add_argument("--scheduler", default="ddim_uniform",
                    help="ComfyUI scheduler name (default ddim_uniform, the reference code's DDIM timesteps)")
     c.add_argument("--gamma", type=float, default=7.5, help="text guidance scale, CFG (default 7.5)")
-    c.add_argument("--beta", type=float, default=3.0, help="edit strength, source -> edit caption (default 3)")
+    c.add_argument("--beta", type=float, default=None, help="edit strength, source -> edit caption (default: the "
+                   "workflows', 1 with the full gradient (SD1.x / SD2.x), the paper's 3 with x0)")
     c.add_argument("--text-window", type=float, nargs=2, default=[0.0, 0.4], metavar=("START", "END"),
                    help="fraction of the steps with text guidance optimisation (default 0 0.4)")
     c.add_argument("--perceptual-window", type=float, nargs=2, default=[0.2, 0.8], metavar=("START", "END"),

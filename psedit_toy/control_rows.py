@@ -90,8 +90,8 @@ def guider(config: str, world, inv, edit: E.Edit, s: pipeline.Settings, target: 
             return g.TripleGuiderNode.execute(model, p.null, p.source, p.edit, s.gamma, s.gamma, None, p.schedule)[0]
         else:
             window = g.StepWindowNode.execute(*s.text_window)[0]
-            inner = g.TripleGuiderNode.execute(model, p.null, p.source, p.edit, s.gamma, s.beta, window,
-                                               p.schedule)[0]
+            inner = g.TripleGuiderNode.execute(model, p.null, p.source, p.edit, s.gamma,
+                                               pipeline.beta_for("x0", s.beta), window, p.schedule)[0]
         if "+perceptual" not in config:
             return inner
         pwindow = g.StepWindowNode.execute(*s.perceptual_window)[0]

@@ -166,12 +166,13 @@ def guider(config: str, world: World, inv: Inverted, s: pipeline.Settings, mask:
         return pipeline.guider_for("nulltext", world.models, inv.prepared("null-text"), s)
     method = "negative-prompt" if config == "negprompt" else "null-text"
     p = inv.prepared(method)
-    window = n.StepWindowNode.execute(*s.text_window)[0]
-    g = n.TripleGuiderNode.execute(world.model, p.null, p.source, p.edit, s.gamma, s.beta, window, p.schedule)[0]
     if config == "perceptual_full":
         gradient = "full"
     elif config not in ("textopt", "perceptual_x0", "masked_estimated", "masked_true", "negprompt"):
         raise ValueError(f"unknown configuration {config!r}: use one of {', '.join(CONFIGS)}")
+    window = n.StepWindowNode.execute(*s.text_window)[0]
+    beta = pipeline.beta_for(gradient, s.beta)  # the workflows' with this row's gradient (textopt: x0's, the paper's)
+    g = n.TripleGuiderNode.execute(world.model, p.null, p.source, p.edit, s.gamma, beta, window, p.schedule)[0]
     strength = pipeline.strength_for(gradient, s.strength)
     if config == "textopt" or strength == 0:
         return g

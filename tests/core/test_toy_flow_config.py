@@ -7,6 +7,7 @@ import hashlib
 import json
 
 import pytest
+import torch
 
 from psedit_toy import flow_model as F
 from psedit_toy import model as M
@@ -34,7 +35,8 @@ def test_training_defaults_follow_the_family():
 
 
 @pytest.mark.parametrize("argv", [["--family", "flow", "--min-snr", "5"], ["--family", "flow", "--arch", "v2"],
-                                  ["--logit-std", "1"], ["--arch", F.DEFAULT_ARCH]])
+                                  ["--logit-std", "1"], ["--arch", F.DEFAULT_ARCH],
+                                  ["--teacher", str(M.WEIGHTS)]])
 def test_options_of_the_other_family_are_refused(argv, capsys):
     with pytest.raises(SystemExit):
         T.parse_args(argv)
@@ -70,3 +72,17 @@ def test_flowedit_rows_name_their_own_cfg_scales():
     assert FR.is_flowedit("flowedit@1,3+perceptual") and not FR.is_flowedit("textopt")
     with pytest.raises(ValueError, match="@SOURCE,EDIT"):
         FR.split_config("flowedit@3")
+
+
+def test_teacher_velocity_is_the_flow_target_for_the_true_noise():
+    """Distillation's T1: the eps model's input at a flow point is its own ``(z0 + k eps) / sqrt(1 + k^2)``, and
+    the velocity from the draw's own eps is the flow target ``eps - z0``."""
+    g = torch.Generator().manual_seed(0)
+    z0, eps = torch.randn(5, 4, 8, 8, generator=g), torch.randn(5, 4, 8, 8, generator=g)
+    s = torch.tensor([0.03, 0.2, 0.5, 0.8, 0.93])
+    x = (1 - s)[:, None, None, None] * z0 + s[:, None, None, None] * eps
+    k = T.eps_sigma(s)[:, None, None, None]
+    torch.testing.assert_close(T.eps_input(x, s), (z0 + k * eps) / torch.sqrt(1 + k**2), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(T.velocity_from_eps(eps, x, s), eps - z0, rtol=1e-5, atol=1e-5)
+    wrong = T.velocity_from_eps(eps + 0.01, x, s) - (eps - z0)  # an eps error grows by 1 / (1 - s)
+    torch.testing.assert_close(wrong.abs().amax(dim=(1, 2, 3)), 0.01 / (1 - s), rtol=1e-3, atol=1e-5)

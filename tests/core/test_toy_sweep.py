@@ -26,7 +26,7 @@ def toy_edit():
 
 def test_each_sweep_setting_moves_one_knob(toy_edit):
     te, _ = toy_edit
-    from psedit_cli.pipeline import Settings, strength_for
+    from psedit_cli.pipeline import Settings, beta_for, strength_for
 
     s = Settings(lpips_net="squeeze")
     a = argparse.Namespace(sweep_knobs=["beta", "text_window", "full_strength", "nulltext_iterations",
@@ -35,12 +35,15 @@ def test_each_sweep_setting_moves_one_knob(toy_edit):
     by = {}
     for family, value, config, sv, _ in variants:
         by.setdefault(family, []).append(value)
-        moved = {f for f in ("beta", "text_window", "inner_iterations") if getattr(sv, f) != getattr(s, f)}
+        gradient = "full" if config == "perceptual_full" else "x0"  # the row's, which sets its default beta
+        moved = {f for f in ("text_window", "inner_iterations") if getattr(sv, f) != getattr(s, f)}
+        moved |= {"beta"} if beta_for(gradient, sv.beta) != beta_for(gradient, s.beta) else set()
         moved |= {"strength"} if strength_for("full", sv.strength) != strength_for("full", s.strength) else set()
-        knob, default = {"beta": ("beta", s.beta), "full strength": ("strength", strength_for("full", s.strength)),
+        knob, default = {"beta": ("beta", beta_for("x0", s.beta)),
+                         "full strength": ("strength", strength_for("full", s.strength)),
                          "text window end": ("text_window", s.text_window[1]),
                          "null-text iterations": ("inner_iterations", s.inner_iterations),
-                         "beta, full gradient": ("beta", s.beta),
+                         "beta, full gradient": ("beta", beta_for("full", s.beta)),
                          "flowedit edit CFG": (None, None)}[family]
         assert moved == (set() if knob is None or value == default else {knob}), (family, value, moved)
         if family in ("full strength", "beta, full gradient"):
@@ -55,7 +58,8 @@ def test_each_sweep_setting_moves_one_knob(toy_edit):
                   "beta, full gradient": list(te.FULL_BETAS),
                   "flowedit edit CFG": list(te.FLOWEDIT_EDIT_CFGS)}
     # the workflow defaults are among each knob's settings, so every sweep has its baseline row
-    assert s.beta in te.BETAS and s.text_window[1] in te.TEXT_WINDOW_ENDS and strength_for("full", None) in te.STRENGTHS
+    assert beta_for("x0", s.beta) in te.BETAS and beta_for("full", s.beta) in te.FULL_BETAS
+    assert s.text_window[1] in te.TEXT_WINDOW_ENDS and strength_for("full", None) in te.STRENGTHS
     assert s.inner_iterations in te.NULLTEXT_ITERATIONS
 
 

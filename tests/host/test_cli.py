@@ -155,7 +155,7 @@ def check_outputs(out, rows, images):
 def test_eval_refuses_to_mix_settings(tmp_path):
     ev.check_run(tmp_path, SETTINGS)
     ev.check_run(tmp_path, SETTINGS)  # same settings: resumes
-    with pytest.raises(SetupError, match=r"other settings \(beta: 3.0 -> 2.0\).*new --out"):
+    with pytest.raises(SetupError, match=r"other settings \(beta: None -> 2.0\).*new --out"):
         ev.check_run(tmp_path, pipeline.Settings(**{**SETTINGS.__dict__, "beta": 2.0}))
 
 
@@ -201,7 +201,7 @@ def test_parser_defaults_and_required():
     parsed = build_parser().parse_args(["edit", "--checkpoint", "c", "--image", "i.png", "--source", "a", "--edit",
                                         "b", "--out", "o.png", "--text-window", "0", "0.3", "--method", "none"])
     assert parsed.text_window == [0.0, 0.3] and parsed.method == "none" and parsed.config == "perceptual"
-    assert (parsed.steps, parsed.gamma, parsed.beta, parsed.strength) == (50, 7.5, 3.0, None)  # strength: auto
+    assert (parsed.steps, parsed.gamma, parsed.beta, parsed.strength) == (50, 7.5, None, None)  # beta, strength: auto
     assert (parsed.lpips_net, parsed.decoder, parsed.inner_iterations, parsed.resize) == ("vgg", "taesd", 10, 0)
     assert parsed.perceptual_window == [0.2, 0.8] and parsed.gradient == "auto"
     for bad in (["eval", "--checkpoint", "c"], ["edit", "--checkpoint", "c", "--image", "i", "--source", "a",

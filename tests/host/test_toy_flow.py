@@ -174,3 +174,25 @@ def test_one_training_step_and_its_export_load_back(tmp_path):
     assert torch.equal(net.pos_embed, tr.unet.pos_embed)
     with pytest.raises(RuntimeError, match="not a flow model"):
         F.load(M.WEIGHTS)
+
+
+def test_the_eps_teacher_predicts_the_flow_target(twin):
+    """``--teacher``: the trained eps model's velocity (T1) at a flow point of a real scene is nearer the draw's
+    target ``eps - z0`` than the draw's variance, is used only up to ``max_sigma``, and a flow model is refused."""
+    _, clip, vae, _, image, _ = twin
+    teacher = T.Teacher(M.WEIGHTS, torch.device("cpu"), max_sigma=0.6)
+    with torch.inference_mode():
+        z0 = comfy.latent_formats.SD15().process_in(vae.encode(image)).repeat(4, 1, 1, 1)
+    g = torch.Generator().manual_seed(0)
+    eps = torch.randn(z0.shape, generator=g)
+    s = torch.tensor([0.3, 0.5, 0.6, 0.8])
+    x = (1 - s)[:, None, None, None] * z0 + s[:, None, None, None] * eps
+    ids = [T.token_ids(clip, S.caption(S.training_scenes(1, 0)[0]))] * 4
+    v, covered = teacher.velocity(x, s, ids, eps - z0)
+    assert covered.tolist() == [True, True, True, False]
+    assert torch.equal(v[3], (eps - z0)[3])  # above max_sigma: the draw's own target
+    err = (v[:3] - (eps - z0)[:3]).square().mean().item()
+    spread = (eps - z0)[:3].var().item()
+    assert err < 0.5 * spread, (err, spread)
+    with pytest.raises(SystemExit, match="not an eps model"):
+        T.Teacher(F.WEIGHTS, torch.device("cpu"))

@@ -161,7 +161,7 @@ def test_edit_workflow_settings():
     texts = sorted(widgets(n)["text"] for n in nodes_of(wf, "CLIPTextEncode"))
     assert texts == ["", "a cat sitting on a sofa", "a tiger sitting on a sofa"]
     guider = node_of(wf, "PSEditTripleGuider")
-    assert widgets(guider) == {"gamma": 7.5, "beta": 3.0}
+    assert widgets(guider) == {"gamma": 7.5, "beta": 1.0}  # the paper's 3, tuned with the full gradient (README)
     assert widgets(source_of(wf, guider, "window")) == {"start": 0.0, "end": 0.4}
     assert source_of(wf, guider, "null_schedule")["type"] == "PSEditNullTextInversion"
     perceptual = node_of(wf, "PSEditPerceptualGuidance")
@@ -190,6 +190,19 @@ def test_perceptual_strength_is_the_clis(name):
         assert w["strength"] == STRENGTH[w["gradient"]], (name, w["gradient"], w["strength"])
 
 
+@pytest.mark.parametrize("name", WORKFLOWS)
+def test_triple_beta_is_the_clis(name):
+    """A Triple Guider under full-gradient Perceptual Guidance has the beta `psedit edit/eval` uses with it (1); the
+    SDXL edit (x0) keeps the paper's 3. (SD3.5 / Flux scale beta to their CFG; Prompt-to-Prompt's is gamma.)"""
+    from psedit_cli.pipeline import BETA
+
+    wf = load(name)
+    for node in nodes_of(wf, "PSEditPerceptualGuidance"):
+        inner, gradient = source_of(wf, node, "guider"), widgets(node)["gradient"]
+        if inner["type"] == "PSEditTripleGuider" and (gradient == "full" or name == "psedit_edit_sdxl"):
+            assert widgets(inner)["beta"] == BETA[gradient], (name, widgets(inner)["beta"])
+
+
 def test_ablation_is_figure_3():
     wf = load("psedit_ablation_sd15")
     assert len(nodes_of(wf, "PSEditDDIMInvert")) == 1 and len(nodes_of(wf, "PSEditNullTextInversion")) == 1
@@ -211,7 +224,7 @@ def test_ablation_is_figure_3():
     assert control["type"] == "PSEditAttentionControl" and control is node_of(wf, "PSEditAttentionControl")
     assert_p2p_defaults(wf, control)
     assert source_of(wf, textopt, "model")["type"] == "CheckpointLoaderSimple"
-    assert widgets(textopt) == {"gamma": 7.5, "beta": 3.0}
+    assert widgets(textopt) == {"gamma": 7.5, "beta": 1.0}  # the SD1.5 pipeline's (the paper's 3, README)
     assert widgets(source_of(wf, textopt, "window")) == {"start": 0.0, "end": 0.4}
     assert perceptual["type"] == "PSEditPerceptualGuidance" and source_of(wf, perceptual, "guider") is textopt
     assert widgets(source_of(wf, perceptual, "window")) == {"start": 0.2, "end": 0.8}
