@@ -22,6 +22,9 @@ ComfyUI's schedulers sample with (as SD3's trainers index the shifted schedule).
 both the token sequence and the pooled vector. Peak learning rate 3e-4 (the eps model's 6e-4 is for its UNet). The
 checkpoint records the family: an eps checkpoint never resumes as a flow run. The weights go to
 ``psedit_toy/weights/toy_sd3.safetensors`` with their manifest ``toy_sd3.json`` (``"family": "flow"``) beside them.
+``--teacher`` (with ``--family flow``) regresses the twin on the trained eps model's velocity instead of the single
+draw's ``eps - z0`` up to ``--teacher-max-sigma`` (:class:`Teacher`): knowledge distillation, which removes the
+target's own variance where the twin lags the eps model (below sigma 0.4 it loses the shapes it laid out).
 
 A checkpoint is written every ``--save-every`` steps and on SIGINT/SIGTERM; rerunning the same command resumes from
 it (with a different ``--steps`` it trains on to the new count). The result is the EMA weights in fp16
