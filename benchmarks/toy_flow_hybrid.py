@@ -26,6 +26,7 @@ from psedit_cli.pipeline import setup_comfy
 from psedit_toy import flow_model as F
 from psedit_toy import model as M
 from psedit_toy import scenes as S
+from psedit_toy import train as T
 
 GAMMA, STEPS, EPS_SIGMA_MAX = 7.5, 50, 14.6
 
@@ -59,8 +60,9 @@ def eps_velocity(model, x, s: float, cond, uncond):
     du = model.apply_model(xk, kt, c_crossattn=uncond)
     d = du + GAMMA * (dc - du)
     eps_hat = (xk - d) / k
-    z0 = (x - s * eps_hat) / (1 - s) if s < 0.93 else d
-    return eps_hat - z0
+    if s < 0.93:  # T1 (its eps model's sigma covers s)
+        return T.velocity_from_eps(eps_hat, x, torch.full((x.shape[0],), s))
+    return eps_hat - d
 
 
 def main() -> None:

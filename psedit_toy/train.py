@@ -59,9 +59,8 @@ log = logging.getLogger("psedit_toy.train")
 # (checkpoints written before the flow twin have no "family": they are eps)
 FIXED = ("family", "world", "arch", "scenes", "seed", "batch")
 EPS_DEFAULTS = {"arch": "v2", "lr": 6e-4, "min_snr": 5.0, "offset_noise": 0.1}
-FLOW_DEFAULTS = {"lr": 3e-4, "logit_mean": 0.0, "logit_std": 1.0}
-# flow options that may be left unset (None) and options of the flow family only
-FLOW_ONLY = ("teacher", "teacher_max_sigma")
+FLOW_DEFAULTS = {"lr": 3e-4, "logit_mean": 0.0, "logit_std": 1.0, "teacher_max_sigma": 0.6}
+FLOW_ONLY = ("teacher",)  # flow options without a default (None: no teacher), refused with --family eps
 
 
 def _setup_comfy() -> None:
@@ -193,7 +192,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="flow: an eps model's weights (e.g. psedit_toy/weights/toy_sd15.safetensors) whose velocity "
                    "the twin regresses on instead of the noisy target eps - z0 (distillation; see Teacher)")
     p.add_argument("--teacher-max-sigma", type=float, default=None,
-                   help="flow: the teacher's velocity is the target up to this sigma (default 0.6; see Teacher)")
+                   help=f"flow: the teacher's velocity is the target up to this sigma (default "
+                   f"{FLOW_DEFAULTS['teacher_max_sigma']:g}; see Teacher)")
     p.add_argument("--export-only", action="store_true",
                    help="write the weights of the last checkpoint in --work (with its settings) without training")
     return resolve_family(p, p.parse_args(argv))
@@ -412,7 +412,7 @@ class Teacher:
     0.355 / 0.467 against the twin's 0.641 / 0.376 / 0.280 / 0.254 / 0.270 / 0.284 at s = 0.1 / 0.3 / 0.5 / 0.75 /
     0.85 / 0.9); elsewhere the target is the draw's own ``eps - z0``."""
 
-    def __init__(self, path: Path, device: torch.device, max_sigma: float = 0.6):
+    def __init__(self, path: Path, device: torch.device, max_sigma: float):
         from . import model as M
 
         info = M.manifest(path)
@@ -621,7 +621,7 @@ def main(argv: list[str] | None = None) -> None:
     if a.family == "flow":
         from . import flow_model as F
 
-        teacher = Teacher(Path(a.teacher), device, a.teacher_max_sigma or 0.6) if a.teacher else None
+        teacher = Teacher(Path(a.teacher), device, a.teacher_max_sigma) if a.teacher else None
         if teacher is not None:
             log.info("distilling from the eps model %s (sha256 %s)", teacher.path, teacher.sha256[:12])
         objective, default_out = flow_objective(sampling, teacher), F.WEIGHTS

@@ -426,7 +426,7 @@ def knobs_note(taesd: str, gradient: str) -> str:
         "Knobs\n"
         f"- Triple Guider beta {BETA[gradient]:g}: edit strength (0 = the photo back; "
         + ("1 keeps more of the photo than the paper's 3; raise it to 3 for edits that change an object's shape"
-           if BETA[gradient] != 3.0 else "1-5 typical") + "). gamma = CFG scale: keep it equal to "
+           if BETA[gradient] != BETA["x0"] else "1-5 typical") + "). gamma = CFG scale: keep it equal to "
         f"Null-Text Inversion's guidance ({GAMMA}).\n"
         f"- text guidance window {TEXT_WINDOW[0]}-{TEXT_WINDOW[1]}: triple guidance in the first 40% of the steps "
         "(the paper's first 20 of 50); plain CFG on the edit caption after that.\n"

@@ -195,4 +195,4 @@ def test_the_eps_teacher_predicts_the_flow_target(twin):
     spread = (eps - z0)[:3].var().item()
     assert err < 0.5 * spread, (err, spread)
     with pytest.raises(SystemExit, match="not an eps model"):
-        T.Teacher(F.WEIGHTS, torch.device("cpu"))
+        T.Teacher(F.WEIGHTS, torch.device("cpu"), max_sigma=0.6)
