@@ -25,6 +25,10 @@ checkpoint records the family: an eps checkpoint never resumes as a flow run. Th
 ``--teacher`` (with ``--family flow``) regresses the twin on the trained eps model's velocity instead of the single
 draw's ``eps - z0`` up to ``--teacher-max-sigma`` (:class:`Teacher`): knowledge distillation, which removes the
 target's own variance where the twin lags the eps model (below sigma 0.4 it loses the shapes it laid out).
+``--on-policy F`` (with ``--teacher``) takes a fraction F of each batch from the states the twin itself reaches
+when it samples (:class:`OnPolicy`), the teacher's velocity their target: the twin's failures are on its own mid-way
+latents, which noised training latents need not cover. ``--init FILE`` starts a run without a checkpoint from an
+exported weights file (networks and EMA; a fresh optimiser and schedule), recorded as ``init_from`` in the manifest.
 
 A checkpoint is written every ``--save-every`` steps and on SIGINT/SIGTERM; rerunning the same command resumes from
 it (with a different ``--steps`` it trains on to the new count). The result is the EMA weights in fp16
@@ -60,7 +64,7 @@ log = logging.getLogger("psedit_toy.train")
 FIXED = ("family", "world", "arch", "scenes", "seed", "batch")
 EPS_DEFAULTS = {"arch": "v2", "lr": 6e-4, "min_snr": 5.0, "offset_noise": 0.1}
 FLOW_DEFAULTS = {"lr": 3e-4, "logit_mean": 0.0, "logit_std": 1.0, "teacher_max_sigma": 0.6}
-FLOW_ONLY = ("teacher",)  # flow options without a default (None: no teacher), refused with --family eps
+FLOW_ONLY = ("teacher", "on_policy")  # flow options without a default (None: off), refused with --family eps
 
 
 def _setup_comfy() -> None:
@@ -194,6 +198,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--teacher-max-sigma", type=float, default=None,
                    help=f"flow: the teacher's velocity is the target up to this sigma (default "
                    f"{FLOW_DEFAULTS['teacher_max_sigma']:g}; see Teacher)")
+    p.add_argument("--on-policy", type=float, default=None,
+                   help="flow, with --teacher: this fraction of each batch is drawn from states the twin reaches when "
+                   "it samples, with the teacher's velocity as their target (see OnPolicy)")
+    p.add_argument("--init", type=Path, default=None,
+                   help="weights file (an export of this script) the networks and their EMA start from when --work "
+                   "has no checkpoint: fine-tuning with a fresh optimiser and learning-rate schedule")
     p.add_argument("--export-only", action="store_true",
                    help="write the weights of the last checkpoint in --work (with its settings) without training")
     return resolve_family(p, p.parse_args(argv))
@@ -214,6 +224,8 @@ def resolve_family(p: argparse.ArgumentParser, a: argparse.Namespace) -> argpars
     for k, v in own.items():
         if getattr(a, k) is None:
             setattr(a, k, v)
+    if a.family == "flow" and a.on_policy is not None and not (0 < a.on_policy <= 1 and a.teacher):
+        p.error("--on-policy takes a fraction in (0, 1] and needs --teacher (the on-policy states' target)")
     if a.arch not in archs:
         p.error(f"--arch {a.arch} is not a {a.family} configuration: choose one of {', '.join(sorted(archs))}")
     return a
@@ -298,12 +310,28 @@ class Trainer:
                   "batch": a.batch, "steps": a.steps, "lr": a.lr}
         if a.family == "flow":
             return {**common, "logit_mean": a.logit_mean, "logit_std": a.logit_std, "teacher": a.teacher,
-                    "teacher_max_sigma": a.teacher_max_sigma}
+                    "teacher_max_sigma": a.teacher_max_sigma, "on_policy": a.on_policy,
+                    "init": str(a.init) if a.init else None}
         return {**common, "min_snr": a.min_snr, "offset_noise": a.offset_noise}
 
+    def initialise(self, path: Path) -> None:
+        """``--init``: the networks and their EMA from an exported weights file (:func:`export`'s keys)."""
+        from safetensors.torch import load_file
+
+        sd = load_file(str(path))
+        for prefix, live, ema in (("model.diffusion_model.", self.unet, self.ema_unet),
+                                  ("cond_stage_model.", self.text, self.ema_text)):
+            part = {k[len(prefix):]: v.float() for k, v in sd.items() if k.startswith(prefix)}
+            live.load_state_dict(part)
+            ema.load_state_dict(part)
+        log.info("networks and EMA initialised from %s", path)
+
     def resume(self) -> None:
-        """Load the checkpoint if there is one; its data and network settings must equal this run's."""
+        """Load the checkpoint if there is one; its data and network settings must equal this run's. Without one,
+        start from ``--init``'s weights where given."""
         if not self.ckpt.is_file():
+            if getattr(self.a, "init", None):
+                self.initialise(self.a.init)
             return
         st = torch.load(self.ckpt, weights_only=False, map_location="cpu")
         saved = {"family": "eps", **st.get("config", {})}
@@ -425,13 +453,17 @@ class Teacher:
         self.sha256 = info.get("sha256", "")
         self.path, self.max_sigma = path, max_sigma
 
+    def covers(self, s: torch.Tensor) -> torch.Tensor:
+        """Where the teacher's velocity is the target: its sigma range holds ``k(s)`` and ``s <= max_sigma``."""
+        k = eps_sigma(s)
+        lo, hi = float(self.sampling.sigma_min), float(self.sampling.sigma_max)
+        return (k >= lo) & (k <= hi) & (s <= self.max_sigma)
+
     @torch.no_grad()
     def velocity(self, x: torch.Tensor, s: torch.Tensor, id_lists: list[list[int]], draw_target: torch.Tensor):
         """(T1) where the eps model's sigma range covers ``s`` and ``s <= max_sigma``, ``draw_target`` elsewhere;
         and that mask."""
-        k = eps_sigma(s)
-        lo, hi = float(self.sampling.sigma_min), float(self.sampling.sigma_max)
-        covered = (k >= lo) & (k <= hi) & (s <= self.max_sigma)
+        covered = self.covers(s)
         s_in = torch.where(covered, s, torch.full_like(s, 0.5))  # (uncovered rows are replaced below)
         eps_hat = self.unet(eps_input(x, s_in), self.sampling.timestep(eps_sigma(s_in)),
                             context=text_forward(self.text, id_lists))
@@ -455,24 +487,81 @@ def velocity_from_eps(eps_hat: torch.Tensor, x: torch.Tensor, s: torch.Tensor) -
     return (eps_hat - x) / (1 - s)[:, None, None, None]
 
 
-def flow_objective(sampling, teacher: Teacher | None = None):
+class OnPolicy:
+    """States the twin itself reaches when it samples, as training inputs (``--on-policy``; DAgger-style
+    distillation). Sampling from noise with CFG, the twin lays out an object's shape at high noise and loses it below
+    sigma 0.4 (``benchmarks/toy_flow_hybrid.py``: the eps model's velocity below 0.4 on the twin's own trajectory keeps
+    it), so its errors are on its own mid-way latents, which the data's ``(1 - s) z0 + s eps`` need not cover.
+    Every ``every`` training steps the live twin samples ``n`` training captions (euler, CFG ``cfg``, the ``normal``
+    schedule of ``steps`` steps) and keeps each trajectory's states the teacher covers (``Teacher.covers``: s from
+    0.028 to ``max_sigma``); each batch then
+    takes ``fraction`` of its rows from them, with the teacher's velocity (T1) for their caption as the target."""
+
+    def __init__(self, sampling, teacher: Teacher, fraction: float, captions: list[str], ids: dict,
+                 shape: tuple[int, ...], n: int = 32, steps: int = 20, every: int = 20, cfg: float = 7.5):
+        import comfy.samplers
+
+        self.sigmas = comfy.samplers.calculate_sigmas(sampling, "normal", steps).float()
+        self.teacher, self.fraction, self.captions, self.ids = teacher, fraction, captions, ids
+        self.n, self.every, self.cfg, self.sampling, self.shape = n, every, cfg, sampling, tuple(shape)
+        self.x, self.s, self.rows, self.since = None, None, [], 0
+
+    def rows_of(self, batch: int) -> int:
+        return round(self.fraction * batch)
+
+    @torch.no_grad()
+    def rollout(self, tr: Trainer) -> None:
+        """Sample ``n`` captions with the live twin and keep the states the teacher covers."""
+        dev = tr.device
+        caps = [self.captions[i] for i in torch.randint(0, len(self.captions), (self.n,)).tolist()]
+        cond = text_and_pooled(tr.text, [self.ids[c] for c in caps] + [self.ids[""]] * self.n)
+        x = torch.randn(self.n, *self.shape).to(dev) * float(self.sigmas[0])
+        xs, ss = [], []
+        for s, s_next in zip(self.sigmas[:-1].tolist(), self.sigmas[1:].tolist(), strict=True):
+            if self.teacher.covers(torch.tensor(s)):
+                xs.append(x.clone())
+                ss.append(torch.full((self.n,), s))
+            t = self.sampling.timestep(torch.full((2 * self.n,), s)).to(dev)
+            vc, vu = tr.unet(torch.cat([x, x]), t, context=cond[0], y=cond[1]).float().chunk(2)
+            x = x + (s_next - s) * (vu + self.cfg * (vc - vu))  # euler: dx/ds = v
+        self.x, self.s, self.rows, self.since = torch.cat(xs), torch.cat(ss).to(dev), caps * len(xs), 0
+
+    def draw(self, tr: Trainer, m: int) -> tuple[torch.Tensor, torch.Tensor, list[list[int]]]:
+        """``m`` states, their sigmas and caption ids (10% dropped to "", as the data's), rolling out anew every
+        ``every`` calls."""
+        if self.x is None or self.since >= self.every:
+            self.rollout(tr)
+        self.since += 1
+        pick = torch.randint(0, len(self.rows), (m,))
+        ids = [self.ids[self.rows[i] if torch.rand(()) > 0.1 else ""] for i in pick.tolist()]
+        return self.x[pick.to(self.x.device)], self.s[pick.to(self.s.device)], ids
+
+
+def flow_objective(sampling, teacher: Teacher | None = None, on_policy: OnPolicy | None = None):
     """``objective(tr, z0, id_lists) -> (loss, per-sample MSE)`` of the flow twin: unweighted velocity MSE
     ``|| (eps - z0) - v(x, 1000 sigma, c, pooled) ||^2`` at ``x = (1 - sigma) z0 + sigma eps`` (ComfyUI's
     ``CONST.noise_scaling``), sigma from :func:`flow_sigmas`. Draws: the logit-normal n, then eps (CPU generator).
-    With a ``teacher`` the loss regresses on its velocity (:class:`Teacher`, T1); the per-sample MSE returned (the
-    logged loss) stays the one against ``eps - z0``, comparable with undistilled runs."""
+    With a ``teacher`` the loss regresses on its velocity (:class:`Teacher`, T1); with ``on_policy`` the batch's first
+    rows are the twin's own sampling states (:class:`OnPolicy`), their target the teacher's velocity. The per-sample
+    MSE returned (the logged loss) stays the one against ``eps - z0`` on the data's rows, comparable with undistilled
+    runs."""
 
     def objective(tr: Trainer, z0: torch.Tensor, id_lists: list[list[int]]):
         a, dev = tr.a, tr.device
         sigma = flow_sigmas(torch.randn(a.batch), sampling, a.logit_mean, a.logit_std).to(dev)
         eps = torch.randn(a.batch, *z0.shape[1:]).to(dev)
         x = sampling.noise_scaling(sigma, eps, z0)
+        m = on_policy.rows_of(a.batch) if on_policy is not None else 0
+        if m:
+            x_own, s_own, ids_own = on_policy.draw(tr, m)
+            x, sigma, id_lists = torch.cat([x_own, x[m:]]), torch.cat([s_own, sigma[m:]]), ids_own + id_lists[m:]
         context, pooled = text_and_pooled(tr.text, id_lists)
         v = tr.unet(x, sampling.timestep(sigma), context=context, y=pooled)
-        mse = (v.float() - (eps - z0)).square().mean(dim=(1, 2, 3))
+        mse = (v.float()[m:] - (eps - z0)[m:]).square().mean(dim=(1, 2, 3))
         if teacher is None:
             return mse.mean(), mse
-        target, _ = teacher.velocity(x, sigma, id_lists, eps - z0)
+        target, covered = teacher.velocity(x, sigma, id_lists, eps - z0)
+        assert bool(covered[:m].all()), "on-policy states lie within the teacher's range"
         return (v.float() - target).square().mean(), mse.detach()
 
     return objective
@@ -581,6 +670,9 @@ def export(tr: Trainer, out: Path, digest: str, stopped: str, argv: list[str] | 
         **({"distilled_from": a.teacher, "distillation": "velocity regression on the eps model's (T1) where its "
             "sigma range covers the step, from the step it was first given (train.log)"} if getattr(a, "teacher", None)
            else {}),
+        **({"on_policy": a.on_policy, "on_policy_note": "this fraction of each batch from the twin's own sampling "
+            "states (OnPolicy), the teacher's velocity their target"} if getattr(a, "on_policy", None) else {}),
+        **({"init_from": init_record(a.init)} if getattr(a, "init", None) else {}),
         **network_manifest(a, M), "text_config": M.TEXT_CONFIG, "taesd": "madebyollin/taesd SD1 (real)",
         "command": "python -m psedit_toy.train " + " ".join(argv if argv is not None else sys.argv[1:]),
     }
@@ -588,6 +680,15 @@ def export(tr: Trainer, out: Path, digest: str, stopped: str, argv: list[str] | 
     log.info("wrote %s (%.1f MB, sha256 %s), final loss %.4f, %.0f s training", out, out.stat().st_size / 1e6,
              sha[:12], manifest["final_loss_mean_last_100"], tr.seconds)
     return manifest
+
+
+def init_record(path: Path) -> dict:
+    """The manifest's record of ``--init``: the file, its sha256 and the steps its own manifest gives."""
+    from . import model as M
+
+    info = M.manifest(Path(path))
+    return {"file": str(path), "sha256": hashlib.sha256(Path(path).read_bytes()).hexdigest(),
+            "steps_reached": info.get("steps_reached", info.get("steps"))}
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -624,7 +725,8 @@ def main(argv: list[str] | None = None) -> None:
         teacher = Teacher(Path(a.teacher), device, a.teacher_max_sigma) if a.teacher else None
         if teacher is not None:
             log.info("distilling from the eps model %s (sha256 %s)", teacher.path, teacher.sha256[:12])
-        objective, default_out = flow_objective(sampling, teacher), F.WEIGHTS
+        on_policy = OnPolicy(sampling, teacher, a.on_policy, captions, ids, latents.shape[1:]) if a.on_policy else None
+        objective, default_out = flow_objective(sampling, teacher, on_policy), F.WEIGHTS
     else:
         objective, default_out = eps_objective(sampling.sigmas.float().cpu()), M.WEIGHTS  # SD1.5's 1000 sigmas
     stopped = "done"

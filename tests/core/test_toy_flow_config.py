@@ -36,11 +36,23 @@ def test_training_defaults_follow_the_family():
 
 @pytest.mark.parametrize("argv", [["--family", "flow", "--min-snr", "5"], ["--family", "flow", "--arch", "v2"],
                                   ["--logit-std", "1"], ["--arch", F.DEFAULT_ARCH],
-                                  ["--teacher", str(M.WEIGHTS)]])
+                                  ["--teacher", str(M.WEIGHTS)], ["--on-policy", "0.5"]])
 def test_options_of_the_other_family_are_refused(argv, capsys):
     with pytest.raises(SystemExit):
         T.parse_args(argv)
     assert "family" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("extra", [[], ["--teacher", str(M.WEIGHTS), "--on-policy", "0"],
+                                   ["--teacher", str(M.WEIGHTS), "--on-policy", "1.5"]])
+def test_on_policy_needs_a_teacher_and_a_fraction(extra, capsys):
+    """The on-policy states have no target of their own (no z0): the teacher's velocity is it."""
+    argv = ["--family", "flow", *extra] + ([] if extra else ["--on-policy", "0.5"])
+    with pytest.raises(SystemExit):
+        T.parse_args(argv)
+    assert "--on-policy" in capsys.readouterr().err
+    ok = T.parse_args(["--family", "flow", "--teacher", str(M.WEIGHTS), "--on-policy", "0.5"])
+    assert ok.on_policy == 0.5 and ok.init is None
 
 
 def test_flow_archs_are_sd3_shaped_on_four_channels():

@@ -174,6 +174,51 @@ def test_one_training_step_and_its_export_load_back(tmp_path):
     assert torch.equal(net.pos_embed, tr.unet.pos_embed)
     with pytest.raises(RuntimeError, match="not a flow model"):
         F.load(M.WEIGHTS)
+    # --init: a new run without a checkpoint starts its networks and EMA from the export, exactly
+    b = T.parse_args(["--family", "flow", "--batch", "4", "--work", str(tmp_path / "b"), "--init", str(out)])
+    with torch.random.fork_rng():
+        tr2 = T.Trainer(b, M, torch.device("cpu"))
+        tr2.resume()
+    for m in (tr2.unet, tr2.ema_unet):
+        assert torch.equal(m.final_layer.linear.weight, tr.ema_unet.final_layer.linear.weight.half().float())
+    assert tr2.step == 0 and T.init_record(out)["sha256"] == manifest["sha256"]
+
+
+def test_on_policy_states_are_the_twins_own_cfg_euler_trajectory(tmp_path):
+    """``--on-policy``: the states kept are the live twin's CFG-euler trajectory at the sigmas the teacher covers;
+    a batch takes its first rows from them (their caption ids, their sigmas) and rolls out anew every ``every``."""
+    a = T.parse_args(["--family", "flow", "--batch", "4", "--work", str(tmp_path), "--teacher", str(M.WEIGHTS),
+                      "--on-policy", "0.5"])
+    cpu = torch.device("cpu")
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        tr = T.Trainer(a, M, cpu)
+        with torch.no_grad():  # a velocity that is not 0 (adaLN-Zero starts it at 0)
+            tr.unet.final_layer.linear.weight.normal_(0, 0.02)
+        teacher = T.Teacher(M.WEIGHTS, cpu, a.teacher_max_sigma)
+        caps = [CAPTIONS["source"], CAPTIONS["edit"]]
+        ids = {c: T.token_ids(tr.clip, c) for c in [*caps, ""]}
+        sampling = tr.patcher.model.model_sampling
+        op = T.OnPolicy(sampling, teacher, 0.5, caps, ids, (4, 16, 16), n=2, steps=12, every=2)
+        x, s, rows = op.draw(tr, 3)
+        kept = [v for v in op.sigmas[:-1].tolist() if teacher.covers(torch.tensor(v))]
+        assert 2 <= len(kept) < 12 and all(0.028 < v <= 0.6 for v in kept)
+        assert torch.allclose(op.s, torch.tensor(kept).repeat_interleave(2))
+        assert x.shape == (3, 4, 16, 16) and all(float(v) in kept for v in s) and len(rows) == 3
+        # the second kept state of trajectory 0 is one CFG euler step of the twin from the first
+        x0, x1, s0, s1 = op.x[0:1], op.x[2:3], kept[0], kept[1]
+        with torch.no_grad():
+            cond = T.text_and_pooled(tr.text, [ids[op.rows[0]], ids[""]])
+            t = sampling.timestep(torch.full((2,), s0))
+            vc, vu = tr.unet(torch.cat([x0, x0]), t, context=cond[0], y=cond[1]).chunk(2)
+        assert torch.allclose(x1, x0 + (s1 - s0) * (vu + 7.5 * (vc - vu)), atol=1e-5)
+        first = op.x
+        op.draw(tr, 3)
+        assert op.x is first  # within ``every`` draws: the same states
+        op.draw(tr, 3)
+        assert op.x is not first
+        loss, mse = T.flow_objective(sampling, teacher, op)(tr, torch.randn(4, 4, 16, 16), [ids[caps[0]]] * 4)
+    assert mse.shape == (2,) and torch.isfinite(loss)  # the logged MSE: the data's rows only
 
 
 def test_the_eps_teacher_predicts_the_flow_target(twin):
