@@ -65,6 +65,12 @@ FIXED = ("family", "world", "arch", "scenes", "seed", "batch")
 EPS_DEFAULTS = {"arch": "v2", "lr": 6e-4, "min_snr": 5.0, "offset_noise": 0.1}
 FLOW_DEFAULTS = {"lr": 3e-4, "logit_mean": 0.0, "logit_std": 1.0, "teacher_max_sigma": 0.6}
 FLOW_ONLY = ("teacher", "on_policy")  # flow options without a default (None: off), refused with --family eps
+UNET_KEYS, TEXT_KEYS = "model.diffusion_model.", "cond_stage_model."  # the weights file's key prefixes
+
+
+def caption_or_empty(caption: str) -> str:
+    """The caption, or "" one time in ten (caption dropout, for classifier-free guidance); one CPU draw."""
+    return caption if torch.rand(()) > 0.1 else ""
 
 
 def _setup_comfy() -> None:
@@ -319,8 +325,7 @@ class Trainer:
         from safetensors.torch import load_file
 
         sd = load_file(str(path))
-        for prefix, live, ema in (("model.diffusion_model.", self.unet, self.ema_unet),
-                                  ("cond_stage_model.", self.text, self.ema_text)):
+        for prefix, live, ema in ((UNET_KEYS, self.unet, self.ema_unet), (TEXT_KEYS, self.text, self.ema_text)):
             part = {k[len(prefix):]: v.float() for k, v in sd.items() if k.startswith(prefix)}
             live.load_state_dict(part)
             ema.load_state_dict(part)
@@ -533,7 +538,7 @@ class OnPolicy:
             self.rollout(tr)
         self.since += 1
         pick = torch.randint(0, len(self.rows), (m,))
-        ids = [self.ids[self.rows[i] if torch.rand(()) > 0.1 else ""] for i in pick.tolist()]
+        ids = [self.ids[caption_or_empty(self.rows[i])] for i in pick.tolist()]
         return self.x[pick.to(self.x.device)], self.s[pick.to(self.s.device)], ids
 
 
@@ -584,7 +589,7 @@ def train(tr: Trainer, latents: torch.Tensor, captions: list[str], ids: dict, ob
                         "checkpoint", tr.step, a.steps, a.max_minutes)
             return "budget"
         idx = torch.randint(0, n, (a.batch,))  # every random draw on the CPU generator: resumable, device-free
-        caps = [captions[i] if torch.rand(()) > 0.1 else "" for i in idx.tolist()]
+        caps = [caption_or_empty(captions[i]) for i in idx.tolist()]
         loss, mse = objective(tr, latents_dev[idx.to(dev)], [ids[c] for c in caps])
         for g in tr.opt.param_groups:
             g["lr"] = lr_at(tr.step, a.steps, a.lr)
@@ -652,8 +657,8 @@ def export(tr: Trainer, out: Path, digest: str, stopped: str, argv: list[str] | 
     from . import model as M
 
     a, losses = tr.a, tr.losses
-    sd = {f"model.diffusion_model.{k}": v.half().cpu().contiguous() for k, v in tr.ema_unet.state_dict().items()}
-    sd.update({f"cond_stage_model.{k}": v.half().cpu().contiguous() for k, v in tr.ema_text.state_dict().items()})
+    sd = {f"{UNET_KEYS}{k}": v.half().cpu().contiguous() for k, v in tr.ema_unet.state_dict().items()}
+    sd.update({f"{TEXT_KEYS}{k}": v.half().cpu().contiguous() for k, v in tr.ema_text.state_dict().items()})
     out.parent.mkdir(parents=True, exist_ok=True)
     save_file(sd, str(out), metadata={"format": "pt", "psedit_toy": a.world})
     sha = hashlib.sha256(out.read_bytes()).hexdigest()
