@@ -41,7 +41,8 @@ from psedit_toy import scenes as S
 QUALITY_COLUMNS = ("split", "colour", "shape", "both", "background")
 
 
-def generation(world, n: int, steps: int, seed: int, out, version: str | None = None) -> list[dict]:
+def generation(world, n: int, steps: int, seed: int, out, version: str | None = None,
+               cfg: float = 7.5) -> list[dict]:
     """Per split (held-in, held-out colour x shape pairs), the fraction of ``n`` generations with the caption's
     colour, shape, both and background colour."""
     rows = []
@@ -51,7 +52,7 @@ def generation(world, n: int, steps: int, seed: int, out, version: str | None = 
         for i in range(n):
             scene = S.random_scene(rng, two_objects=0.0, held_out=held_out, version=version)
             o = scene.objects[0]
-            img = R.generate(world, S.caption(scene), seed=seed * 1000 + i, steps=steps)
+            img = R.generate(world, S.caption(scene), seed=seed * 1000 + i, steps=steps, cfg=cfg)
             colour, shape = S.classify_object(img)
             hits["colour"] += colour == o.colour
             hits["shape"] += shape == o.shape
@@ -116,6 +117,7 @@ def main() -> None:
     p.add_argument("--recon", type=int, default=8)
     p.add_argument("--steps", type=int, default=50)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--cfg", type=float, default=7.5, help="CFG scale of the generations (the quality bar's is 7.5)")
     p.add_argument("--out", type=Path, default=Path("bench_out/toy_quality"),
                    help="quality.csv and sample images go here")
     p.add_argument("--weights", type=Path, default=None,
@@ -132,9 +134,9 @@ def main() -> None:
     a.out.mkdir(parents=True, exist_ok=True)
     print(f"# toy model quality, {device_name()}, {a.weights} ({version or S.DATA_VERSION}), seed {a.seed}")
     if a.n:
-        gen = generation(world, a.n, a.steps, a.seed, a.out, version)
+        gen = generation(world, a.n, a.steps, a.seed, a.out, version, a.cfg)
         write_quality_csv(gen, a.out / "quality.csv")
-        print(f"\nGeneration, CFG 7.5, {a.steps} steps:\n")
+        print(f"\nGeneration, CFG {a.cfg:g}, {a.steps} steps:\n")
         print(table(gen, [("split", "captions", "s"), ("n", "n", "d"), ("colour", "colour", ".2f"),
                           ("shape", "shape", ".2f"), ("both", "colour and shape", ".2f"),
                           ("background", "background colour", ".2f")]), flush=True)

@@ -210,6 +210,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--init", type=Path, default=None,
                    help="weights file (an export of this script) the networks and their EMA start from when --work "
                    "has no checkpoint: fine-tuning with a fresh optimiser and learning-rate schedule")
+    p.add_argument("--shape-weight", action="append", default=[], metavar="SHAPE=W",
+                   help="draw scenes holding a SHAPE object W times as often (repeatable, e.g. star=3; the on-policy "
+                   "captions too); default: every scene alike (see scene_weights)")
     p.add_argument("--export-only", action="store_true",
                    help="write the weights of the last checkpoint in --work (with its settings) without training")
     return resolve_family(p, p.parse_args(argv))
@@ -232,9 +235,50 @@ def resolve_family(p: argparse.ArgumentParser, a: argparse.Namespace) -> argpars
             setattr(a, k, v)
     if a.family == "flow" and a.on_policy is not None and not (0 < a.on_policy <= 1 and a.teacher):
         p.error("--on-policy takes a fraction in (0, 1] and needs --teacher (the on-policy states' target)")
+    try:
+        a.shape_weight = parse_shape_weights(a.shape_weight)
+    except ValueError as e:
+        p.error(str(e))
     if a.arch not in archs:
         p.error(f"--arch {a.arch} is not a {a.family} configuration: choose one of {', '.join(sorted(archs))}")
     return a
+
+
+def parse_shape_weights(specs) -> dict[str, float]:
+    """``["star=3"]`` -> ``{"star": 3.0}`` (a dict, as a resumed checkpoint's config holds it, passes through)."""
+    if isinstance(specs, dict):
+        return specs
+    out = {}
+    for spec in specs:
+        shape, _, w = spec.partition("=")
+        if shape not in S.SHAPES or not w:
+            raise ValueError(f"--shape-weight {spec!r}: write SHAPE=W with SHAPE one of {', '.join(S.SHAPES)}")
+        try:
+            out[shape] = float(w)
+        except ValueError:
+            out[shape] = float("nan")
+        if not out[shape] > 0:
+            raise ValueError(f"--shape-weight {spec!r}: the weight W must be a positive number")
+    return out
+
+
+def scene_weights(scenes: list[S.Scene], shape_weight: dict[str, float]) -> torch.Tensor | None:
+    """Sampling weight of each training scene: the largest ``shape_weight`` among its objects' shapes (1 for a shape
+    not named); None when no shape is weighted (uniform draws, as every run before ``--shape-weight``). Hard-example
+    weighting: the flow twin draws circles, squares and triangles it is asked for but rounds most stars into circles
+    (README, toy world), so its last stage sees stars more often."""
+    if not shape_weight:
+        return None
+    return torch.tensor([max(shape_weight.get(o.shape, 1.0) for o in sc.objects) for sc in scenes],
+                        dtype=torch.float64)
+
+
+def draw_indices(n: int, k: int, weights: torch.Tensor | None) -> torch.Tensor:
+    """``k`` indices into ``n`` items: uniform (``randint``) or, with ``weights``, in proportion to them (with
+    replacement). Both on the CPU generator, so a resumed run draws what an uninterrupted one would."""
+    if weights is None:
+        return torch.randint(0, n, (k,))
+    return torch.multinomial(weights, k, replacement=True)
 
 
 def describe_device(device: torch.device) -> str:
@@ -317,8 +361,8 @@ class Trainer:
         if a.family == "flow":
             return {**common, "logit_mean": a.logit_mean, "logit_std": a.logit_std, "teacher": a.teacher,
                     "teacher_max_sigma": a.teacher_max_sigma, "on_policy": a.on_policy,
-                    "init": str(a.init) if a.init else None}
-        return {**common, "min_snr": a.min_snr, "offset_noise": a.offset_noise}
+                    "init": str(a.init) if a.init else None, "shape_weight": a.shape_weight}
+        return {**common, "min_snr": a.min_snr, "offset_noise": a.offset_noise, "shape_weight": a.shape_weight}
 
     def initialise(self, path: Path) -> None:
         """``--init``: the networks and their EMA from an exported weights file (:func:`export`'s keys)."""
@@ -503,12 +547,14 @@ class OnPolicy:
     takes ``fraction`` of its rows from them, with the teacher's velocity (T1) for their caption as the target."""
 
     def __init__(self, sampling, teacher: Teacher, fraction: float, captions: list[str], ids: dict,
-                 shape: tuple[int, ...], n: int = 32, steps: int = 20, every: int = 20, cfg: float = 7.5):
+                 shape: tuple[int, ...], n: int = 32, steps: int = 20, every: int = 20, cfg: float = 7.5,
+                 weights: torch.Tensor | None = None):
         import comfy.samplers
 
         self.sigmas = comfy.samplers.calculate_sigmas(sampling, "normal", steps).float()
         self.teacher, self.fraction, self.captions, self.ids = teacher, fraction, captions, ids
         self.n, self.every, self.cfg, self.sampling, self.shape = n, every, cfg, sampling, tuple(shape)
+        self.weights = weights  # the captions' sampling weights (scene_weights), None: uniform
         self.x, self.s, self.rows, self.since = None, None, [], 0
 
     def rows_of(self, batch: int) -> int:
@@ -518,7 +564,7 @@ class OnPolicy:
     def rollout(self, tr: Trainer) -> None:
         """Sample ``n`` captions with the live twin and keep the states the teacher covers."""
         dev = tr.device
-        caps = [self.captions[i] for i in torch.randint(0, len(self.captions), (self.n,)).tolist()]
+        caps = [self.captions[i] for i in draw_indices(len(self.captions), self.n, self.weights).tolist()]
         cond = text_and_pooled(tr.text, [self.ids[c] for c in caps] + [self.ids[""]] * self.n)
         x = torch.randn(self.n, *self.shape).to(dev) * float(self.sigmas[0])
         xs, ss = [], []
@@ -572,9 +618,10 @@ def flow_objective(sampling, teacher: Teacher | None = None, on_policy: OnPolicy
     return objective
 
 
-def train(tr: Trainer, latents: torch.Tensor, captions: list[str], ids: dict, objective, budget_end: float) -> str:
-    """Train to ``a.steps`` on ``objective`` (:func:`eps_objective`, :func:`flow_objective`); returns why it stopped:
-    "done", "budget" or "signal"."""
+def train(tr: Trainer, latents: torch.Tensor, captions: list[str], ids: dict, objective, budget_end: float,
+          weights: torch.Tensor | None = None) -> str:
+    """Train to ``a.steps`` on ``objective`` (:func:`eps_objective`, :func:`flow_objective`), drawing scenes by
+    ``weights`` (:func:`scene_weights`); returns why it stopped: "done", "budget" or "signal"."""
     a, dev = tr.a, tr.device
     live = list(tr.unet.parameters()) + list(tr.text.parameters())
     ema = list(tr.ema_unet.parameters()) + list(tr.ema_text.parameters())
@@ -588,7 +635,7 @@ def train(tr: Trainer, latents: torch.Tensor, captions: list[str], ids: dict, ob
             log.warning("stopping at step %d of %d: the %.0f-minute budget would run out before the next "
                         "checkpoint", tr.step, a.steps, a.max_minutes)
             return "budget"
-        idx = torch.randint(0, n, (a.batch,))  # every random draw on the CPU generator: resumable, device-free
+        idx = draw_indices(n, a.batch, weights)  # every random draw on the CPU generator: resumable, device-free
         caps = [caption_or_empty(captions[i]) for i in idx.tolist()]
         loss, mse = objective(tr, latents_dev[idx.to(dev)], [ids[c] for c in caps])
         for g in tr.opt.param_groups:
@@ -678,6 +725,8 @@ def export(tr: Trainer, out: Path, digest: str, stopped: str, argv: list[str] | 
         **({"on_policy": a.on_policy, "on_policy_note": "this fraction of each batch from the twin's own sampling "
             "states (OnPolicy), the teacher's velocity their target"} if getattr(a, "on_policy", None) else {}),
         **({"init_from": init_record(a.init)} if getattr(a, "init", None) else {}),
+        **({"shape_weight": a.shape_weight, "shape_weight_note": "scenes holding these shapes drawn this many times as "
+            "often (scene_weights; the on-policy captions too)"} if getattr(a, "shape_weight", None) else {}),
         **network_manifest(a, M), "text_config": M.TEXT_CONFIG, "taesd": "madebyollin/taesd SD1 (real)",
         "command": "python -m psedit_toy.train " + " ".join(argv if argv is not None else sys.argv[1:]),
     }
@@ -720,6 +769,10 @@ def main(argv: list[str] | None = None) -> None:
              "MMDiT" if a.family == "flow" else "UNet", a.steps, a.batch)
     scenes, latents, digest = load_data(a, M)
     captions = [S.caption(s) for s in scenes]
+    weights = scene_weights(scenes, a.shape_weight)
+    if weights is not None:
+        log.info("shape weights %s: %.0f%% of draws hold a weighted shape", a.shape_weight, 100 * float(
+            weights[weights != 1].sum() / weights.sum()))
     ids = {c: token_ids(tr.clip, c) for c in sorted(set(captions)) + [""]}
     check_text_forward(tr, [ids[captions[0]], ids[""]])
     tr.to(device)
@@ -730,7 +783,8 @@ def main(argv: list[str] | None = None) -> None:
         teacher = Teacher(Path(a.teacher), device, a.teacher_max_sigma) if a.teacher else None
         if teacher is not None:
             log.info("distilling from the eps model %s (sha256 %s)", teacher.path, teacher.sha256[:12])
-        on_policy = OnPolicy(sampling, teacher, a.on_policy, captions, ids, latents.shape[1:]) if a.on_policy else None
+        on_policy = (OnPolicy(sampling, teacher, a.on_policy, captions, ids, latents.shape[1:], weights=weights)
+                     if a.on_policy else None)
         objective, default_out = flow_objective(sampling, teacher, on_policy), F.WEIGHTS
     else:
         objective, default_out = eps_objective(sampling.sigmas.float().cpu()), M.WEIGHTS  # SD1.5's 1000 sigmas
@@ -738,7 +792,7 @@ def main(argv: list[str] | None = None) -> None:
     if tr.step < a.steps:
         here = describe_device(device)
         tr.trained_on = here if tr.trained_on in ("", here) else f"{tr.trained_on}; then {here}"
-        stopped = train(tr, latents, captions, ids, objective, wall0 + 60 * a.max_minutes)
+        stopped = train(tr, latents, captions, ids, objective, wall0 + 60 * a.max_minutes, weights)
     if stopped != "signal":
         export(tr, a.out or default_out, digest, stopped, argv)
 

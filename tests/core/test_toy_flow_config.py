@@ -55,6 +55,31 @@ def test_on_policy_needs_a_teacher_and_a_fraction(extra, capsys):
     assert ok.on_policy == 0.5 and ok.init is None
 
 
+def test_shape_weight_draws_the_named_shape_that_much_more_often(capsys):
+    """--shape-weight star=3: scenes holding a star come up three times as often per scene; unnamed shapes and
+    no option keep the uniform draw (the same CPU draws as every run before the option)."""
+    a = T.parse_args(["--family", "flow", "--shape-weight", "star=3"])
+    assert a.shape_weight == {"star": 3.0} and T.parse_args([]).shape_weight == {}
+    assert T.parse_shape_weights({"star": 3.0}) == {"star": 3.0}  # a resumed checkpoint's config
+    for bad in ("moon=2", "star", "star=0", "star=x"):
+        with pytest.raises(SystemExit):
+            T.parse_args(["--shape-weight", bad])
+        assert "--shape-weight" in capsys.readouterr().err
+    scenes = S.training_scenes(2000, seed=3)
+    assert T.scene_weights(scenes, {}) is None
+    w = T.scene_weights(scenes, a.shape_weight)
+    star = torch.tensor([any(o.shape == "star" for o in sc.objects) for sc in scenes])
+    assert set(w[star].tolist()) == {3.0} and set(w[~star].tolist()) == {1.0}
+    torch.manual_seed(0)
+    picked = star[T.draw_indices(len(scenes), 20000, w)].float().mean().item()
+    expected = 3 * star.float().mean().item() / (3 * star.float().mean().item() + (~star).float().mean().item())
+    assert abs(picked - expected) < 0.015 and abs(picked - star.float().mean().item()) > 0.15
+    torch.manual_seed(0)
+    uniform = T.draw_indices(len(scenes), 64, None)
+    torch.manual_seed(0)
+    assert torch.equal(uniform, torch.randint(0, len(scenes), (64,)))
+
+
 def test_flow_archs_are_sd3_shaped_on_four_channels():
     for config in F.ARCHS.values():
         assert config["in_channels"] == config["out_channels"] == 4 and config["patch_size"] == 2
