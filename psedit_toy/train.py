@@ -244,21 +244,19 @@ def resolve_family(p: argparse.ArgumentParser, a: argparse.Namespace) -> argpars
     return a
 
 
-def parse_shape_weights(specs) -> dict[str, float]:
-    """``["star=3"]`` -> ``{"star": 3.0}`` (a dict, as a resumed checkpoint's config holds it, passes through)."""
-    if isinstance(specs, dict):
-        return specs
+def parse_shape_weights(specs: list[str]) -> dict[str, float]:
+    """``["star=3"]`` -> ``{"star": 3.0}``; ValueError naming the option where a SHAPE or W is not one."""
     out = {}
     for spec in specs:
         shape, _, w = spec.partition("=")
-        if shape not in S.SHAPES or not w:
-            raise ValueError(f"--shape-weight {spec!r}: write SHAPE=W with SHAPE one of {', '.join(S.SHAPES)}")
         try:
-            out[shape] = float(w)
+            weight = float(w)
         except ValueError:
-            out[shape] = float("nan")
-        if not out[shape] > 0:
-            raise ValueError(f"--shape-weight {spec!r}: the weight W must be a positive number")
+            weight = math.nan
+        if shape not in S.SHAPES or not 0 < weight < math.inf:
+            raise ValueError(f"--shape-weight {spec!r}: write SHAPE=W with SHAPE one of {', '.join(S.SHAPES)} and W "
+                             "a positive number")
+        out[shape] = weight
     return out
 
 
