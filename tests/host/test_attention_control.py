@@ -260,7 +260,7 @@ def test_local_blend_keeps_the_trajectory_outside_its_region(toy, record_propert
 
 # --- composition ---------------------------------------------------------------------------------------------------
 
-def test_branches_are_found_by_their_text_whatever_the_guider(world):
+def test_branches_are_found_by_their_text_whatever_the_guider(world, record_property):
     """With beta = gamma the Triple Guider is CFG(edit, null) and DualCFGGuider computes the same sum with its branches
     in another batch order: the controlled MODEL gives the same result through all three."""
     model = world.p2p()[0]
@@ -271,9 +271,15 @@ def test_branches_are_found_by_their_text_whatever_the_guider(world):
         cfg.set_cfg(GAMMA)
         dual = ncs.DualCFGGuider().get_guider(model, world.edit, world.source, world.source, GAMMA, GAMMA,
                                               "regular")[0]
-    assert rel(world.sample(cfg), triple) < 1e-5
-    assert rel(world.sample(dual), triple) < 1e-5
-    assert rel(triple, world.sample(world.triple(world.model, beta=GAMMA))) > 1e-3
+    errors = {"cfg": rel(world.sample(cfg), triple), "dual": rel(world.sample(dual), triple),
+              "control": rel(triple, world.sample(world.triple(world.model, beta=GAMMA)))}
+    record_property("errors", errors)
+    # measured (0.33.0): SD1.5 cfg / dual 0 (bit for bit), control 5.7e-3; SDXL cfg 0, dual 2.4e-5 with 2 torch
+    # threads and 2.6e-5 with 1 on this machine's CPU (under 1e-5 on earlier ones: DualCFGGuider's sum in another
+    # order over 8 steps), control 1.3e-3. A branch taken for another would move the result by the control's size.
+    assert errors["cfg"] < 1e-5
+    assert errors["dual"] < 1e-4
+    assert errors["control"] > 1e-3
 
 
 def test_edit_branch_batched_with_a_long_negative_prompt_is_still_controlled(sd15, monkeypatch):
