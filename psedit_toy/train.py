@@ -355,12 +355,12 @@ class Trainer:
     def config(self) -> dict:
         a = self.a
         common = {"family": a.family, "world": a.world, "arch": a.arch, "scenes": a.scenes, "seed": a.seed,
-                  "batch": a.batch, "steps": a.steps, "lr": a.lr}
+                  "batch": a.batch, "steps": a.steps, "lr": a.lr, "shape_weight": a.shape_weight}
         if a.family == "flow":
             return {**common, "logit_mean": a.logit_mean, "logit_std": a.logit_std, "teacher": a.teacher,
                     "teacher_max_sigma": a.teacher_max_sigma, "on_policy": a.on_policy,
-                    "init": str(a.init) if a.init else None, "shape_weight": a.shape_weight}
-        return {**common, "min_snr": a.min_snr, "offset_noise": a.offset_noise, "shape_weight": a.shape_weight}
+                    "init": str(a.init) if a.init else None}
+        return {**common, "min_snr": a.min_snr, "offset_noise": a.offset_noise}
 
     def initialise(self, path: Path) -> None:
         """``--init``: the networks and their EMA from an exported weights file (:func:`export`'s keys)."""
