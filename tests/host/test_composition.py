@@ -267,23 +267,30 @@ def photo_world(request, controlnet):
     return model, vae, dict(null=null, source=source, edit=edit), image, latent, sigmas, inverted, payload
 
 
-def lpips_to(vae, image, samples):
+def vgg_to(vae, image, samples):
+    """VGG LPIPS of the decoded ``samples`` to ``image``: the loss the guidance below minimises."""
     from psedit_pack.psedit_core.lpips_loader import get_lpips
     from psedit_pack.psedit_core.metrics import lpips_distance
 
-    alex = get_lpips("alex", search_dirs=[tiny.WEIGHTS / "lpips"], allow_download=False)
+    vgg = get_lpips("vgg", search_dirs=[tiny.WEIGHTS / "lpips"], allow_download=False)
     with torch.inference_mode():
         decoded = vae.decode(samples)
-    return lpips_distance(alex, decoded.movedim(-1, 1), image.movedim(-1, 1)).item()
+    return lpips_distance(vgg, decoded.movedim(-1, 1), image.movedim(-1, 1)).item()
 
 
-@pytest.mark.parametrize("window,bound", [((0.2, 0.8), 0.95), (None, 0.97)], ids=["window", "all_steps"])
-def test_full_gradient_perceptual_guidance_through_a_control_model(photo_world, window, bound):
+@pytest.mark.parametrize("window", [(0.2, 0.8), None], ids=["window", "all_steps"])
+def test_full_gradient_perceptual_guidance_through_a_control_model(photo_world, window):
     """With the window the first step is unguided, so the control model first runs under inference mode (a
     ControlNet caches its hint there, while its parameters still ask for gradients, as ControlNetLoader leaves
     them); over all steps it first runs with gradients on (a T2I adapter's plain torch layers then build a graph
-    over inference-tensor weights). Measured LPIPS, plain 0.137: ControlNet 0.116 / 0.129, T2I adapter 0.125 /
-    0.123 (window / all steps)."""
+    over inference-tensor weights). Both sample to the end and the guidance changes the result.
+
+    That it lowers the loss is checked on one step, where it is a property of the method: from the inversion's
+    latent at step 4 of 10 to sigma 0 (the x0 prediction), VGG LPIPS through the VAE, measured ControlNet 0.304 ->
+    0.262, T2I adapter 0.305 -> 0.267, the same on one and two threads. Over the whole 10-step schedule the tiny
+    random UNet is chaotic: a normalized step at the start, where the x0 prediction is the photo and LPIPS's gradient
+    nearly vanishes, points wherever rounding sends it, and the final LPIPS moved from 0.129 to 0.166 between one and
+    two torch threads (plain 0.137)."""
     from psedit_pack.nodes.guidance import PerceptualGuidanceNode, StepWindowNode
 
     model, vae, conds, image, latent, sigmas, inverted, _ = photo_world
@@ -292,9 +299,17 @@ def test_full_gradient_perceptual_guidance_through_a_control_model(photo_world, 
         win = StepWindowNode.execute(*window)[0] if window else None
         guided = PerceptualGuidanceNode.execute(guider, vae, image, 0.1, "vgg", "full", "taesd", "normalized",
                                                 window=win)[0]
-    plain = lpips_to(vae, image, sample(guider, inverted, sigmas))
-    corrected = lpips_to(vae, image, sample(guided, inverted, sigmas))
-    assert corrected < bound * plain, (plain, corrected)
+    plain, corrected = sample(guider, inverted, sigmas), sample(guided, inverted, sigmas)
+    assert torch.isfinite(corrected).all() and (corrected - plain).abs().max() > 1e-3
+
+    k = 4
+    with torch.inference_mode():
+        start = DDIMInvert.execute(model, latent, sigmas[k:], conds["source"], 1.0, 0)[0]
+        one_step = PerceptualGuidanceNode.execute(guider, vae, image, 0.02, "vgg", "full", "taesd", "normalized")[0]
+    to_zero = torch.stack([sigmas[k], sigmas.new_zeros(())])
+    before = vgg_to(vae, image, sample(guider, start, to_zero))
+    after = vgg_to(vae, image, sample(one_step, start, to_zero))
+    assert after < 0.95 * before, (before, after)
 
 
 def test_null_text_inversion_through_a_control_model(photo_world):
