@@ -82,6 +82,17 @@ def is_guidance_distilled(model) -> bool:
     return bool(model.model.model_config.unet_config.get("guidance_embed"))
 
 
+# Flow-matching families some nodes run on beyond those every PSEdit node handles: Qwen-Image has real CFG and flow
+# matching like SD3, with video-style latents [B, 16, 1, h, w] (Wan 2.1 VAE). FlowEdit and Perceptual Guidance (with
+# decoder 'vae') run on it; the inversion nodes do not.
+EXTRA_FLOW_MODELS = {"QwenImage": "Qwen-Image"}
+
+
+def is_extra_flow_model(model) -> bool:
+    """Whether ``model`` is one of :data:`EXTRA_FLOW_MODELS` sampling in flow matching."""
+    return type(model.model.model_config).__name__ in EXTRA_FLOW_MODELS and is_flow(model)
+
+
 def check_supported(model, node: str) -> None:
     """Raise, naming the supported families, unless ``model`` belongs to one PSEdit has been shown to handle: an
     SD1.x/SD2.x/SDXL UNet with eps, v or EDM (Playground v2.5) prediction, or SD3 / Flux dev in flow matching."""
@@ -701,18 +712,39 @@ def make_decoder(model, vae, choice: str, patcher=None):
 
     fmt = ordinary_latent_format(latent_format(model))
     dtype = getattr(vae, "vae_dtype", torch.float32)
+    scale, shift = vae_output_map(vae)
 
     def decode(x0: torch.Tensor) -> torch.Tensor:
         z = fmt.process_out(x0.float()).to(device, dtype)
-        return (module.decode(z).to(x0.device, torch.float32) + 1) / 2
+        out = module.decode(z).to(x0.device, torch.float32)
+        if out.ndim == 5:  # video-style VAEs (Qwen-Image's Wan 2.1 VAE, a TAEHV): [B, C, T, H, W], one frame
+            if out.shape[2] != 1:
+                raise ValueError(f"the VAE decoded {out.shape[2]} frames; perceptual guidance compares one image")
+            out = out[:, :, 0]
+        return out * scale + shift
 
     return decode
 
 
+def vae_output_map(vae) -> tuple[float, float]:
+    """``(a, b)`` with ``image = a * out + b``: the affine part of the VAE's own ``process_output`` (which clamps
+    in place, so it is measured on two values inside its range rather than applied to a tensor with gradients).
+    ``(0.5, 0.5)`` for the VAEs whose decoder outputs [-1, 1] (SD, SDXL, SD3, Flux, Wan 2.1), ``(1, 0)`` for those
+    that output [0, 1] (TAEHV / lighttaew2_1 loaded by Load VAE)."""
+    process = getattr(vae, "process_output", None)
+    if process is None:
+        return 0.5, 0.5
+    with torch.inference_mode(False):
+        lo, hi = process(torch.tensor([-0.25, 0.25])).tolist()
+    return (hi - lo) / 0.5, (hi + lo) / 2
+
+
 def vae_ratio(vae, choice: str) -> int:
+    """Image pixels per latent pixel (a video VAE's ``downscale_ratio`` is ``(time, h, w)``: its spatial ``w``)."""
     if is_taesd(choice) or vae is None:
         return SPATIAL_RATIO
-    return int(getattr(vae, "downscale_ratio", SPATIAL_RATIO))
+    ratio = getattr(vae, "downscale_ratio", SPATIAL_RATIO)
+    return int(ratio[-1] if isinstance(ratio, (tuple, list)) else ratio)
 
 
 # --- LPIPS --------------------------------------------------------------------------------------------------------

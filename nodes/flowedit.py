@@ -43,9 +43,6 @@ from . import _comfy
 
 log = logging.getLogger(__name__)
 
-# Flow-matching families FlowEdit runs on beyond those every PSEdit node handles (_comfy.SUPPORTED_MODELS): Qwen-Image
-# has real CFG and flow matching like SD3, with video-style latents [B, 16, 1, h, w] (Wan 2.1 VAE).
-EXTRA_FLOW_MODELS = {"QwenImage": "Qwen-Image"}
 NOISE_FIX = (
     "connect DisableNoise to SamplerCustomAdvanced's noise: FlowEdit starts from the photo's latent itself (the "
     "guider hands it to the sampler) and draws its own noise every step from the guider's seed"
@@ -55,8 +52,7 @@ NOISE_FIX = (
 def check_flow_family(model, node: str) -> None:
     """Raise unless ``model`` is a rectified-flow family FlowEdit is tested on (SD3 / SD3.5, Flux.1 dev,
     Qwen-Image); eps/v models are pointed to the inversion path."""
-    name = type(model.model.model_config).__name__
-    if name in EXTRA_FLOW_MODELS and _comfy.is_flow(model):
+    if _comfy.is_extra_flow_model(model):
         return
     _comfy.check_supported(model, node)
     if not _comfy.is_flow(model):

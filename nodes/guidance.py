@@ -291,6 +291,20 @@ def wrap_guider(guider, wrapper: PerceptualWrapper, differentiable: bool):
     return wrapped
 
 
+def check_perceptual_family(model, decoder: str) -> None:
+    """Every family PSEdit supports, and Qwen-Image (its FlowEdit path) with decoder 'vae': no TAESD decoder of
+    the kind the 'taesd' choice loads exists for its Wan 2.1 latents."""
+    if not _comfy.is_extra_flow_model(model):
+        _comfy.check_supported(model, "PSEdit Perceptual Guidance")
+    elif _comfy.is_taesd(decoder):
+        raise ValueError(
+            f"decoder '{decoder}' cannot decode {_comfy.EXTRA_FLOW_MODELS[type(model.model.model_config).__name__]} "
+            "latents (Wan 2.1 VAE): choose decoder 'vae' and connect the checkpoint's VAE, or, faster, "
+            "lighttaew2_1.safetensors (madebyollin/taehv, in models/vae_approx) loaded with a Load VAE node "
+            "(ComfyUI 0.33 and later)"
+        )
+
+
 class PerceptualGuidanceNode(io.ComfyNode):
     @classmethod
     def define_schema(cls):
@@ -305,7 +319,8 @@ class PerceptualGuidanceNode(io.ComfyNode):
             ),
             inputs=[
                 io.Guider.Input("guider", tooltip="The guider to correct, e.g. PSEdit Triple Guider."),
-                io.Vae.Input("vae", tooltip="The checkpoint's VAE (used when decoder is 'vae')."),
+                io.Vae.Input("vae", tooltip="The checkpoint's VAE (used when decoder is 'vae'); for Qwen-Image "
+                             "also lighttaew2_1 loaded with Load VAE (ComfyUI 0.33+; a fast decoder of its latents)."),
                 io.Image.Input("image", tooltip="The source photo, the same image you VAE-encoded (same size)."),
                 io.Float.Input("strength", default=1.0, min=0.0, max=10.0, step=0.01, round=0.001,
                                tooltip="Step size. With step 'normalized' it is the RMS of the correction per step, "
@@ -326,7 +341,8 @@ class PerceptualGuidanceNode(io.ComfyNode):
                                tooltip="Decoder for the guidance: a TAESD decoder from models/vae_approx (about 15x "
                                "cheaper than the VAE; 'taesd' picks the one for the model's latents, e.g. "
                                "taesd_decoder for SD1.x, taesdxl_decoder for SDXL, taesd3_decoder for SD3, "
-                               "taef1_decoder for Flux), or the checkpoint's VAE (exact, slow backward)."),
+                               "taef1_decoder for Flux), or the VAE connected (the checkpoint's: exact, slow "
+                               "backward). Qwen-Image: 'vae' only."),
                 io.Combo.Input("step", options=["normalized", "plain"], default="normalized",
                                tooltip="normalized: the correction has RMS 'strength' whatever the loss's size; "
                                "plain: strength x the gradient of the LPIPS summed over latent elements (the same "
@@ -359,7 +375,7 @@ class PerceptualGuidanceNode(io.ComfyNode):
                 mask=None, target="x0"):
         if not isinstance(guider, comfy.samplers.CFGGuider):
             raise ValueError("guider must be a ComfyUI GUIDER (CFGGuider, DualCFGGuider, PSEdit Triple Guider, ...)")
-        _comfy.check_supported(guider.model_patcher, "PSEdit Perceptual Guidance")
+        check_perceptual_family(guider.model_patcher, decoder)
         if image.ndim != 4 or image.shape[-1] < 3:
             raise ValueError(f"image must be a ComfyUI IMAGE [batch, height, width, 3], got {tuple(image.shape)}")
         config = PerceptualGuidanceConfig(scale=float(strength), gradient=gradient, step=step, target=target)

@@ -445,6 +445,59 @@ def random_sd3_vae(seed: int = 0, std: float = 0.02):
         return comfy.sd.VAE(sd=model.state_dict())
 
 
+def _lecun_state_dict(module: torch.nn.Module, seed: int) -> dict:
+    """``module``'s state dict with LeCun-initialised weights (outputs of std ~1 per layer), zero biases and unit
+    RMS-norm gains (ComfyUI's layers leave them uninitialised)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in module.named_parameters():
+            if name.endswith("gamma"):
+                p.fill_(1.0)
+            elif p.ndim > 1:
+                p.copy_(torch.randn(p.shape, generator=g) * (1.0 / p[0].numel()) ** 0.5)
+            else:
+                p.zero_()
+    return module.state_dict()
+
+
+def random_wan21_vae(seed: int = 0):
+    """A ComfyUI VAE with the Wan 2.1 architecture Qwen-Image decodes with (``comfy.ldm.wan.vae.WanVAE``, 16 latent
+    channels, 5-D latents), random weights, detected by ``comfy.sd.VAE`` from the state dict as the real file is.
+    Width 8 where the host reads the width from the file (0.33); 96, the real one, where it fixes it (0.3.64)."""
+    import_comfy()
+    import comfy.sd
+    from comfy.ldm.wan.vae import WanVAE
+
+    for dim in (8, 96):
+        with torch.inference_mode(False):
+            model = WanVAE(dim=dim, z_dim=16, dim_mult=[1, 2, 4, 4], num_res_blocks=2, attn_scales=[],
+                           temperal_downsample=[False, True, True], dropout=0.0)
+            sd = _lecun_state_dict(model, seed)
+        try:
+            with torch.inference_mode():
+                return comfy.sd.VAE(sd=sd)
+        except RuntimeError:  # size mismatch: this ComfyUI builds the real width whatever the file holds
+            continue
+    raise RuntimeError("this ComfyUI builds no Wan 2.1 VAE of width 8 or 96")
+
+
+def random_taehv_vae(seed: int = 0):
+    """lighttaew2_1 as ComfyUI's Load VAE loads it (ComfyUI 0.33: ``comfy.taesd.taehv.TAEHV``, a fast decoder of
+    Wan 2.1 / Qwen-Image latents whose output is already in [0, 1]), random weights in fp32 (how ComfyUI tells it from
+    taehv); None where the host has no TAEHV (0.3.64)."""
+    import_comfy()
+    try:
+        from comfy.taesd.taehv import TAEHV
+    except ImportError:
+        return None
+    import comfy.sd
+
+    with torch.inference_mode(False):
+        sd = _lecun_state_dict(TAEHV(latent_channels=16, latent_format=None), seed)
+    with torch.inference_mode():
+        return comfy.sd.VAE(sd={k: v.float() for k, v in sd.items()})
+
+
 UNSUPPORTED = ("auraflow", "wan21_t2v", "stable_cascade_c", "flux_schnell")
 
 
