@@ -407,6 +407,21 @@ def flow_conditioning(family: str, seed: int, tokens: int | None = None, guidanc
     return [[torch.randn(1, tokens or FLOW_TOKENS[family], FLOW_CONTEXT, generator=g), extra]]
 
 
+def _lecun_state_dict(module: torch.nn.Module, seed: int) -> dict:
+    """``module``'s state dict with LeCun-initialised weights (outputs of std ~1 per layer), zero biases and unit
+    RMS-norm gains (ComfyUI's layers leave them uninitialised)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in module.named_parameters():
+            if name.endswith("gamma"):
+                p.fill_(1.0)
+            elif p.ndim > 1:
+                p.copy_(torch.randn(p.shape, generator=g) * (1.0 / p[0].numel()) ** 0.5)
+            else:
+                p.zero_()
+    return module.state_dict()
+
+
 def random_taesd_decoder(folder, name: str, latent_channels: int = 16, seed: int = 0) -> Path:
     """Write ``<name>.safetensors`` (e.g. ``taesd3_decoder``, ``taef1_decoder``) into ``folder``: ComfyUI's TAESD
     ``Decoder`` with deterministic random weights (the real files are not in ../shared/weights)."""
@@ -414,14 +429,9 @@ def random_taesd_decoder(folder, name: str, latent_channels: int = 16, seed: int
     from comfy.taesd.taesd import Decoder
     from safetensors.torch import save_file
 
-    decoder = Decoder(latent_channels=latent_channels)
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in decoder.parameters():  # LeCun-initialised convolutions (outputs of std ~0.2), zero biases
-            p.copy_(torch.randn(p.shape, generator=g) * (1.0 / p[0].numel()) ** 0.5 if p.ndim > 1
-                    else torch.zeros_like(p))  # ComfyUI's layers leave them uninitialised (possibly NaN)
+    sd = _lecun_state_dict(Decoder(latent_channels=latent_channels), seed)  # convolutions' outputs of std ~0.2
     path = Path(folder) / f"{name}.safetensors"
-    save_file({k: v.contiguous() for k, v in decoder.state_dict().items()}, str(path))
+    save_file({k: v.contiguous() for k, v in sd.items()}, str(path))
     return path
 
 
@@ -443,21 +453,6 @@ def random_sd3_vae(seed: int = 0, std: float = 0.02):
     init_random(model, seed, std)
     with torch.inference_mode():
         return comfy.sd.VAE(sd=model.state_dict())
-
-
-def _lecun_state_dict(module: torch.nn.Module, seed: int) -> dict:
-    """``module``'s state dict with LeCun-initialised weights (outputs of std ~1 per layer), zero biases and unit
-    RMS-norm gains (ComfyUI's layers leave them uninitialised)."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in module.named_parameters():
-            if name.endswith("gamma"):
-                p.fill_(1.0)
-            elif p.ndim > 1:
-                p.copy_(torch.randn(p.shape, generator=g) * (1.0 / p[0].numel()) ** 0.5)
-            else:
-                p.zero_()
-    return module.state_dict()
 
 
 def random_wan21_vae(seed: int = 0):
