@@ -57,6 +57,11 @@ def qwen_conditioning(seed: int):
     return [[torch.randn(1, 12, QWEN_CONTEXT, generator=g), {}]]
 
 
+def tiny_qwen_world():
+    """The tiny Qwen-Image and its null / source / edit conditionings."""
+    return build_tiny_qwen(), {n: qwen_conditioning(s) for s, n in enumerate(("null", "source", "edit"))}
+
+
 FAMILIES = ("sd3", "flux", "qwen")
 SCALES = {"sd3": (3.5, 13.5), "flux": (1.5, 5.5), "qwen": (2.5, 5.0)}  # (source, edit) guidance per family
 
@@ -65,8 +70,7 @@ SCALES = {"sd3": (3.5, 13.5), "flux": (1.5, 5.5), "qwen": (2.5, 5.0)}  # (source
 def flow(request):
     family = request.param
     if family == "qwen":
-        model = build_tiny_qwen()
-        conds = {n: qwen_conditioning(s) for s, n in enumerate(("null", "source", "edit"))}
+        model, conds = tiny_qwen_world()
     else:
         model = tiny.build_tiny_flow(family)
         conds = {n: tiny.flow_conditioning(family, s) for s, n in enumerate(("null", "source", "edit"))}
@@ -385,12 +389,17 @@ def decoded_photo(model, latent):
     return decode(model, latent["samples"]).movedim(1, -1)
 
 
-def decoded_lpips(model, image, samples):
+def alex_lpips(decoded, image):
+    """LPIPS (alex) of a decoding (NCHW) to an IMAGE."""
     from psedit_pack.psedit_core.lpips_loader import get_lpips
     from psedit_pack.psedit_core.metrics import lpips_distance
 
     alex = get_lpips("alex", search_dirs=[tiny.WEIGHTS / "lpips"], allow_download=False)
-    return lpips_distance(alex, decode(model, samples), image.movedim(-1, 1)).item()
+    return lpips_distance(alex, decoded, image.movedim(-1, 1)).item()
+
+
+def decoded_lpips(model, image, samples):
+    return alex_lpips(decode(model, samples), image)
 
 
 # The step sizes: LPIPS through a random TAEF1 curves about 30x more than through the random TAESD3 (measured along
@@ -471,7 +480,7 @@ def test_estimated_edit_mask_works_on_the_flowedit_path(sd3):
 
 @pytest.fixture(scope="module")
 def qwen():
-    return build_tiny_qwen(), {n: qwen_conditioning(s) for s, n in enumerate(("null", "source", "edit"))}
+    return tiny_qwen_world()
 
 
 @pytest.fixture(scope="module", params=["wan21", "lighttaew2_1"])
@@ -526,11 +535,7 @@ def test_perceptual_guidance_lowers_lpips_on_qwen_flowedit(qwen, qwen_vae, decod
     with torch.inference_mode():
         guided = PerceptualGuidanceNode.execute(g, vae, image, QWEN_PLAIN_STRENGTH, "alex", gradient, "vae", "plain",
                                                 target="latent")[0]
-    from psedit_pack.psedit_core.lpips_loader import get_lpips
-    from psedit_pack.psedit_core.metrics import lpips_distance
-
-    alex = get_lpips("alex", search_dirs=[tiny.WEIGHTS / "lpips"], allow_download=False)
-    lp = {k: lpips_distance(alex, vae_decode(model, vae, sample(gg, latent, sigmas)), image.movedim(-1, 1)).item()
+    lp = {k: alex_lpips(vae_decode(model, vae, sample(gg, latent, sigmas)), image)
           for k, gg in (("plain", g), ("guided", guided))}
     assert lp["guided"] < 0.8 * lp["plain"], (name, gradient, lp)
 
