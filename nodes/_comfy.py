@@ -31,7 +31,11 @@ def latent_format(model):
 
 
 def model_family(model) -> str:
-    """A short name for messages: the latent format's class (SD15, SDXL, ...)."""
+    """A short name for messages: the latent format's class (SD15, SDXL, ...); Qwen-Image by its own name (its
+    latent format, Wan21, is the Wan video models')."""
+    name = type(model.model.model_config).__name__
+    if name in EXTRA_FLOW_MODELS:
+        return EXTRA_FLOW_MODELS[name]
     return type(latent_format(model)).__name__
 
 
@@ -83,9 +87,11 @@ def is_guidance_distilled(model) -> bool:
 
 
 # Flow-matching families some nodes run on beyond those every PSEdit node handles: Qwen-Image has real CFG and flow
-# matching like SD3, with video-style latents [B, 16, 1, h, w] (Wan 2.1 VAE). FlowEdit and Perceptual Guidance (with
-# decoder 'vae') run on it; the inversion nodes do not.
+# matching like SD3, with video-style latents [B, 16, 1, h, w] (Wan 2.1 VAE). The nodes named below run on it (their
+# checks pass extra_flow=True); null-text inversion, Prompt-to-Prompt, Plug-and-Play and the Flux guider do not.
 EXTRA_FLOW_MODELS = {"QwenImage": "Qwen-Image"}
+EXTRA_FLOW_NODES = ("PSEdit FlowEdit Guider, DDIM Invert with Inverted Noise, Triple Guider, Edit Mask and Perceptual "
+                    "Guidance (decoder 'vae')")
 
 
 def is_extra_flow_model(model) -> bool:
@@ -93,12 +99,21 @@ def is_extra_flow_model(model) -> bool:
     return type(model.model.model_config).__name__ in EXTRA_FLOW_MODELS and is_flow(model)
 
 
-def check_supported(model, node: str) -> None:
+def check_supported(model, node: str, extra_flow: bool = False) -> None:
     """Raise, naming the supported families, unless ``model`` belongs to one PSEdit has been shown to handle: an
-    SD1.x/SD2.x/SDXL UNet with eps, v or EDM (Playground v2.5) prediction, or SD3 / Flux dev in flow matching."""
+    SD1.x/SD2.x/SDXL UNet with eps, v or EDM (Playground v2.5) prediction, or SD3 / Flux dev in flow matching;
+    with ``extra_flow``, also one of :data:`EXTRA_FLOW_MODELS` (the nodes tested on it say so)."""
     import comfy.model_sampling
 
     name = type(model.model.model_config).__name__
+    if is_extra_flow_model(model):
+        if extra_flow:
+            return
+        family = EXTRA_FLOW_MODELS[name]
+        raise ValueError(
+            f"{node} supports {SUPPORTED_TEXT} checkpoints, not {family}; on {family} PSEdit runs "
+            f"{EXTRA_FLOW_NODES}: edit with those, or load a checkpoint of a supported family"
+        )
     sampling = model_sampling(model)
     kind = type(sampling).__bases__[-1].__name__  # ModelSampling(schedule, prediction): EPS, V_PREDICTION, CONST...
     flow_family = name in ("SD3", "Flux")
@@ -130,9 +145,9 @@ def check_flow_handover(model, noise: torch.Tensor, sigmas: torch.Tensor) -> Non
     if not is_flow(model) or sigmas.numel() < 2 or float(sigmas[0]) < 1.0 - 1e-6 or noise.any():
         return
     raise ValueError(
-        "this flow model (SD3 / Flux) would start sampling from an all-zero latent: at sigma 1 ComfyUI replaces "
-        "latent_image by the noise, so DisableNoise hands the inverted latent over as nothing. Connect PSEdit Inverted "
-        "Noise (from DDIM Invert's inversion) to SamplerCustomAdvanced's noise instead of DisableNoise"
+        "this flow model (SD3 / Flux / Qwen-Image) would start sampling from an all-zero latent: at sigma 1 ComfyUI "
+        "replaces latent_image by the noise, so DisableNoise hands the inverted latent over as nothing. Connect PSEdit "
+        "Inverted Noise (from DDIM Invert's inversion) to SamplerCustomAdvanced's noise instead of DisableNoise"
     )
 
 
@@ -170,11 +185,12 @@ def check_conditioning(model, conditioning, name: str) -> None:
 
 
 def check_latent(model, samples: torch.Tensor, name: str = "latent") -> None:
-    channels = latent_format(model).latent_channels
-    if samples.ndim != 4 or samples.shape[1] != channels:
+    fmt = latent_format(model)
+    channels, ndim = fmt.latent_channels, 2 + getattr(fmt, "latent_dimensions", 2)  # Qwen-Image: [B, 16, 1, h, w]
+    if samples.ndim != ndim or samples.shape[1] != channels:
         raise ValueError(
             f"{name} has shape {tuple(samples.shape)} but this {model_family(model)} model works on {channels}-channel "
-            "2D latents: VAE-encode the image with this checkpoint's VAE"
+            f"latents of {ndim} dimensions: VAE-encode the image with this checkpoint's VAE"
         )
     if not torch.isfinite(samples).all():
         raise ValueError(f"{name} contains NaN/inf: re-encode the image (an fp16 VAE can overflow; use fp32/bf16)")
@@ -183,7 +199,7 @@ def check_latent(model, samples: torch.Tensor, name: str = "latent") -> None:
 
 # The image side each family was trained at (its latent side is this / 8): a latent of far another size is slow and
 # out of the model's training distribution.
-NATIVE_SIDE = {"SD15": 512, "SDXL": 1024, "SDXL_Playground_2_5": 1024, "SD3": 1024, "Flux": 1024}
+NATIVE_SIDE = {"SD15": 512, "SDXL": 1024, "SDXL_Playground_2_5": 1024, "SD3": 1024, "Flux": 1024, "Qwen-Image": 1328}
 _warned_sizes: set = set()
 
 

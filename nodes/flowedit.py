@@ -52,9 +52,7 @@ NOISE_FIX = (
 def check_flow_family(model, node: str) -> None:
     """Raise unless ``model`` is a rectified-flow family FlowEdit is tested on (SD3 / SD3.5, Flux.1 dev,
     Qwen-Image); eps/v models are pointed to the inversion path."""
-    if _comfy.is_extra_flow_model(model):
-        return
-    _comfy.check_supported(model, node)
+    _comfy.check_supported(model, node, extra_flow=True)
     if not _comfy.is_flow(model):
         raise ValueError(
             f"{node} edits rectified-flow models (SD3 / SD3.5, Flux.1 dev, Qwen-Image); this MODEL is "

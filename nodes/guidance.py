@@ -171,7 +171,7 @@ class TripleGuiderNode(io.ComfyNode):
 
     @classmethod
     def execute(cls, model, null, source, edit, gamma, beta, window=None, null_schedule=None) -> io.NodeOutput:
-        _comfy.check_supported(model, "PSEdit Triple Guider")
+        _comfy.check_supported(model, "PSEdit Triple Guider", extra_flow=True)
         if _comfy.is_guidance_distilled(model):
             raise ValueError(
                 f"this {_comfy.model_family(model)} model is guidance-distilled (one prediction per step, no "
@@ -292,11 +292,10 @@ def wrap_guider(guider, wrapper: PerceptualWrapper, differentiable: bool):
 
 
 def check_perceptual_family(model, decoder: str) -> None:
-    """Every family PSEdit supports, and Qwen-Image (its FlowEdit path) with decoder 'vae': no TAESD decoder of
+    """Every family PSEdit supports, and Qwen-Image (FlowEdit or inversion path) with decoder 'vae': no TAESD decoder of
     the kind the 'taesd' choice loads exists for its Wan 2.1 latents."""
-    if not _comfy.is_extra_flow_model(model):
-        _comfy.check_supported(model, "PSEdit Perceptual Guidance")
-    elif _comfy.is_taesd(decoder):
+    _comfy.check_supported(model, "PSEdit Perceptual Guidance", extra_flow=True)
+    if _comfy.is_extra_flow_model(model) and _comfy.is_taesd(decoder):
         raise ValueError(
             f"decoder '{decoder}' cannot decode {_comfy.EXTRA_FLOW_MODELS[type(model.model.model_config).__name__]} "
             "latents (Wan 2.1 VAE): choose decoder 'vae' and connect the checkpoint's VAE, or, faster, "

@@ -56,13 +56,13 @@ class DDIMInvert(io.ComfyNode):
             description=(
                 "Inverts a VAE-encoded photo with deterministic DDIM (Euler) steps so that SamplerCustomAdvanced with "
                 "PSEdit Inverted Noise and the same SIGMAS turns the inverted latent back into the photo (on SD1.x/"
-                "SDXL DisableNoise works too; flow models such as SD3 and Flux need the Inverted Noise). Refinement "
-                "solves each step exactly (fixed-point iterations) for a much closer round trip. On flow models the "
-                "steps are rectified-flow Euler steps, the same equations."
+                "SDXL DisableNoise works too; flow models such as SD3, Flux and Qwen-Image need the Inverted Noise). "
+                "Refinement solves each step exactly (fixed-point iterations) for a much closer round trip. On flow "
+                "models the steps are rectified-flow Euler steps, the same equations."
             ),
             inputs=[
-                io.Model.Input("model", tooltip="The checkpoint's MODEL: SD1.x, SD2.x or SDXL (eps, v), SD3 / SD3.5 "
-                               "or Flux.1 dev (flow matching)."),
+                io.Model.Input("model", tooltip="The checkpoint's MODEL: SD1.x, SD2.x or SDXL (eps, v), SD3 / SD3.5, "
+                               "Flux.1 dev or Qwen-Image (flow matching)."),
                 io.Latent.Input("latent", tooltip="The photo, VAE-encoded with this checkpoint's VAE."),
                 io.Sigmas.Input(
                     "sigmas",
@@ -105,7 +105,7 @@ class DDIMInvert(io.ComfyNode):
 
     @classmethod
     def execute(cls, model, latent, sigmas, source, cfg, refine, null=None, convention="start") -> io.NodeOutput:
-        _comfy.check_supported(model, "PSEdit DDIM Invert")
+        _comfy.check_supported(model, "PSEdit DDIM Invert", extra_flow=True)
         samples = latent["samples"]
         _comfy.check_latent(model, samples)
         _comfy.check_conditioning(model, source, "source")
@@ -184,10 +184,10 @@ class InvertedNoiseNode(io.ComfyNode):
             description=(
                 "Hands DDIM Invert's result to SamplerCustomAdvanced for every model: a NOISE that ComfyUI's own "
                 "noise scaling turns back into the inverted latent at the first sigma, so the stock samplers start "
-                "exactly from it. Needed for flow models (SD3 / SD3.5, Flux), where sampling at sigma 1 replaces the "
-                "LATENT by the noise and DisableNoise would hand over nothing; on SD1.x/SDXL it equals DisableNoise "
-                "with the inverted LATENT. Connect the inverted LATENT (or the photo's latent) as latent_image and "
-                "sample with the same SIGMAS."
+                "exactly from it. Needed for flow models (SD3 / SD3.5, Flux, Qwen-Image), where sampling at sigma 1 "
+                "replaces the LATENT by the noise and DisableNoise would hand over nothing; on SD1.x/SDXL it equals "
+                "DisableNoise with the inverted LATENT. Connect the inverted LATENT (or the photo's latent) as "
+                "latent_image and sample with the same SIGMAS."
             ),
             inputs=[InversionType.Input("inversion", tooltip="The trajectory from PSEdit DDIM Invert.")],
             outputs=[io.Noise.Output("noise", display_name="noise",

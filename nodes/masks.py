@@ -10,6 +10,11 @@ from . import _comfy
 from .inversion import InversionType
 
 
+def frames_as_channels(x):
+    """``[B, C, T, h, w]`` (Qwen-Image's one-frame latents) as ``[B, C*T, h, w]``; 4-D as it is."""
+    return x.flatten(1, 2) if x.ndim == 5 else x
+
+
 def estimate_mask(model, payload, source, edit, probe_end: float, blur: float, threshold: float | None):
     """Accumulate ``|D_edit - D_src|`` at the inversion trajectory's first steps; a mask at latent resolution."""
     inversion = payload.inversion
@@ -27,7 +32,7 @@ def estimate_mask(model, payload, source, edit, probe_end: float, blur: float, t
                 out = comfy.samplers.calc_cond_batch(guider.inner_model, conds, latent, sigma,
                                                      extra_args["model_options"])
                 progress()
-                yield out[0], out[1]
+                yield frames_as_channels(out[0]), frames_as_channels(out[1])
 
         store["mask"] = edit_mask(pairs(), blur=blur, threshold=threshold)
         return x
@@ -75,7 +80,7 @@ class EditMask(io.ComfyNode):
 
     @classmethod
     def execute(cls, model, inversion, source, edit, probe_end, blur, threshold, soft, mask=None) -> io.NodeOutput:
-        _comfy.check_supported(model, "PSEdit Edit Mask")
+        _comfy.check_supported(model, "PSEdit Edit Mask", extra_flow=True)
         latent = inversion.inversion.latents[-1]
         size = (latent.shape[-2] * _comfy.SPATIAL_RATIO, latent.shape[-1] * _comfy.SPATIAL_RATIO)
         if mask is not None:

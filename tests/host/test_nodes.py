@@ -63,11 +63,7 @@ def sample(guider, latent, sigmas, sampler="euler"):
         )[0]["samples"]
 
 
-def cfg_guider(model, positive, negative, cfg):
-    g = comfy.samplers.CFGGuider(model)
-    g.set_conds(positive, negative)
-    g.set_cfg(cfg)
-    return g
+cfg_guider = tiny.cfg_guider
 
 
 def random_latent(seed=0, size=8, batch=1):

@@ -407,6 +407,45 @@ def flow_conditioning(family: str, seed: int, tokens: int | None = None, guidanc
     return [[torch.randn(1, tokens or FLOW_TOKENS[family], FLOW_CONTEXT, generator=g), extra]]
 
 
+def cfg_guider(model, positive, negative, cfg: float):
+    """The stock CFGGuider (what the CFGGuider node builds)."""
+    import comfy.samplers
+
+    g = comfy.samplers.CFGGuider(model)
+    g.set_conds(positive, negative)
+    g.set_cfg(cfg)
+    return g
+
+
+QWEN_CONTEXT = 64  # the tiny Qwen-Image's text width (the real one: 3584, Qwen2.5-VL 7B)
+
+
+def build_tiny_qwen(seed: int = 0, std: float = 0.1):
+    """A ModelPatcher around a tiny Qwen-Image transformer (``comfy.supported_models.QwenImage``: flow matching,
+    ``ModelSamplingFlux``, Wan 2.1 latents ``[B, 16, 1, h, w]``), random weights, built under inference mode (about
+    0.1 s to build; one FlowEdit step at 16x16 takes ~10 ms)."""
+    with torch.inference_mode():
+        import_comfy()
+        import comfy.model_patcher
+        import comfy.supported_models
+
+        config = comfy.supported_models.QwenImage(dict(
+            image_model="qwen_image", in_channels=64, out_channels=16, num_layers=1, attention_head_dim=32,
+            num_attention_heads=2, joint_attention_dim=QWEN_CONTEXT, axes_dims_rope=(8, 12, 12)))
+        config.set_inference_dtype(torch.float32, None)
+        model = config.get_model({})
+        init_random(model, seed, std)  # at 0.05 the one-block model hardly reads its caption
+        cpu = torch.device("cpu")
+        return comfy.model_patcher.ModelPatcher(model, load_device=cpu, offload_device=cpu)
+
+
+def qwen_conditioning(seed: int):
+    """CONDITIONING as the Qwen-Image text encoder makes it (a token sequence, no pooled vector), random but
+    deterministic in ``seed``."""
+    g = torch.Generator().manual_seed(3000 + seed)
+    return [[torch.randn(1, 12, QWEN_CONTEXT, generator=g), {}]]
+
+
 def _lecun_state_dict(module: torch.nn.Module, seed: int) -> dict:
     """``module``'s state dict with LeCun-initialised weights (outputs of std ~1 per layer), zero biases and unit
     RMS-norm gains (ComfyUI's layers leave them uninitialised)."""
