@@ -297,10 +297,9 @@ def check_perceptual_family(model, decoder: str) -> None:
     _comfy.check_supported(model, "PSEdit Perceptual Guidance", extra_flow=True)
     if _comfy.is_extra_flow_model(model) and _comfy.is_taesd(decoder):
         raise ValueError(
-            f"decoder '{decoder}' cannot decode {_comfy.EXTRA_FLOW_MODELS[type(model.model.model_config).__name__]} "
-            "latents (Wan 2.1 VAE): choose decoder 'vae' and connect the checkpoint's VAE, or, faster, "
-            "lighttaew2_1.safetensors (madebyollin/taehv, in models/vae_approx) loaded with a Load VAE node "
-            "(ComfyUI 0.33 and later)"
+            f"decoder '{decoder}' cannot decode {_comfy.model_family(model)} latents (Wan 2.1 VAE): choose decoder "
+            "'vae' and connect the checkpoint's VAE, or, faster, lighttaew2_1.safetensors (madebyollin/taehv, in "
+            "models/vae_approx) loaded with a Load VAE node (ComfyUI 0.33 and later)"
         )
 
 
