@@ -420,7 +420,7 @@ def cfg_guider(model, positive, negative, cfg: float):
 QWEN_CONTEXT = 64  # the tiny Qwen-Image's text width (the real one: 3584, Qwen2.5-VL 7B)
 
 
-def build_tiny_qwen(seed: int = 0, std: float = 0.1):
+def build_tiny_qwen(seed: int = 0, std: float = 0.1, dtype: torch.dtype = torch.float32):
     """A ModelPatcher around a tiny Qwen-Image transformer (``comfy.supported_models.QwenImage``: flow matching,
     ``ModelSamplingFlux``, Wan 2.1 latents ``[B, 16, 1, h, w]``), random weights, built under inference mode (about
     0.1 s to build; one FlowEdit step at 16x16 takes ~10 ms)."""
@@ -432,7 +432,7 @@ def build_tiny_qwen(seed: int = 0, std: float = 0.1):
         config = comfy.supported_models.QwenImage(dict(
             image_model="qwen_image", in_channels=64, out_channels=16, num_layers=1, attention_head_dim=32,
             num_attention_heads=2, joint_attention_dim=QWEN_CONTEXT, axes_dims_rope=(8, 12, 12)))
-        config.set_inference_dtype(torch.float32, None)
+        config.set_inference_dtype(dtype, None)
         model = config.get_model({})
         init_random(model, seed, std)  # at 0.05 the one-block model hardly reads its caption
         cpu = torch.device("cpu")
