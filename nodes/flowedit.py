@@ -198,7 +198,8 @@ def _inputs(family: str, distilled: bool) -> list:
                        f"{d['source_guidance']} for {family})."),
         io.Float.Input("edit_guidance", default=d["edit_guidance"], min=0.0, max=30.0, step=0.1, round=0.01,
                        tooltip=f"The edit caption's {scale} (tar_guidance_scale: {d['edit_guidance']} for {family}); "
-                       "higher edits more strongly."),
+                       "higher edits more strongly." + ("" if distilled else " Qwen-Image has no published FlowEdit "
+                       "settings: start near the CFG it is sampled with (about 4), not at 13.5.")),
         io.Int.Input("n_max", default=d["n_max"], min=0, max=1000,
                      tooltip=f"How many of the SIGMAS' steps, counted from the end, FlowEdit runs: it skips the first "
                      f"steps - n_max (the paper: {d['n_max']} of {d['steps']} for {family}; set the scheduler to "
