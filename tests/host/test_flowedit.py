@@ -34,11 +34,6 @@ from psedit_pack.nodes.inversion import DDIMInvert, InvertedNoiseNode  # noqa: E
 from psedit_pack.nodes.masks import EditMask  # noqa: E402
 
 SIZE = 16  # latent side (128 px)
-def tiny_qwen_world():
-    """The tiny Qwen-Image and its null / source / edit conditionings."""
-    return tiny.build_tiny_qwen(), {n: tiny.qwen_conditioning(s) for s, n in enumerate(("null", "source", "edit"))}
-
-
 FAMILIES = ("sd3", "flux", "qwen")
 SCALES = {"sd3": (3.5, 13.5), "flux": (1.5, 5.5), "qwen": (2.5, 5.0)}  # (source, edit) guidance per family
 
@@ -47,7 +42,7 @@ SCALES = {"sd3": (3.5, 13.5), "flux": (1.5, 5.5), "qwen": (2.5, 5.0)}  # (source
 def flow(request):
     family = request.param
     if family == "qwen":
-        model, conds = tiny_qwen_world()
+        model, conds = tiny.qwen_world()
     else:
         model = tiny.build_tiny_flow(family)
         conds = {n: tiny.flow_conditioning(family, s) for s, n in enumerate(("null", "source", "edit"))}
@@ -461,7 +456,7 @@ def test_estimated_edit_mask_works_on_the_flowedit_path(flow):
 
 @pytest.fixture(scope="module")
 def qwen():
-    return tiny_qwen_world()
+    return tiny.qwen_world()
 
 
 @pytest.fixture(scope="module", params=["wan21", "lighttaew2_1"])

@@ -29,17 +29,18 @@ from psedit_pack.nodes.nulltext import NullTextInversion  # noqa: E402
 from psedit_pack.nodes.p2p import AttentionControlNode  # noqa: E402
 from psedit_pack.nodes.pnp import FeatureInjectionNode  # noqa: E402
 from test_flowedit import SIZE, rel_err, sample, sigmas_for  # noqa: E402
+from test_flowedit import photo_latent as flow_photo_latent  # noqa: E402
 
 cfg_guider = tiny.cfg_guider
 
 
 @pytest.fixture(scope="module")
 def qwen():
-    return tiny.build_tiny_qwen(), {n: tiny.qwen_conditioning(s) for s, n in enumerate(("null", "source", "edit"))}
+    return tiny.qwen_world()
 
 
 def photo_latent(seed=0, size=SIZE):
-    return {"samples": torch.randn(1, 16, 1, size, size, generator=torch.Generator().manual_seed(seed))}
+    return flow_photo_latent("qwen", seed, size)
 
 
 def invert(model, latent, sigmas, source, refine=0, convention="start"):
@@ -77,9 +78,8 @@ def test_inversion_and_mask_on_a_bf16_qwen():
     ComfyUI 0.33 / 0.3.64: refine 3 9.4e-3 / 8.8e-3 (fp32 8.2e-3); the mask covers 0.39 / 0.40 of the image."""
     from psedit_pack.nodes.masks import EditMask
 
-    model = tiny.build_tiny_qwen(dtype=torch.bfloat16)
+    model, conds = tiny.qwen_world(torch.bfloat16)
     assert next(model.model.parameters()).dtype == torch.bfloat16
-    conds = {n: tiny.qwen_conditioning(s) for s, n in enumerate(("null", "source", "edit"))}
     latent, sigmas = photo_latent(0), sigmas_for(model)
     inverted, payload, noise = invert(model, latent, sigmas, conds["source"], 3)
     out = sample(cfg_guider(model, conds["source"], conds["null"], 1.0), inverted, sigmas, noise)

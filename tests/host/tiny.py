@@ -446,6 +446,11 @@ def qwen_conditioning(seed: int):
     return [[torch.randn(1, 12, QWEN_CONTEXT, generator=g), {}]]
 
 
+def qwen_world(dtype: torch.dtype = torch.float32):
+    """The tiny Qwen-Image (:func:`build_tiny_qwen`) and its null / source / edit conditionings."""
+    return build_tiny_qwen(dtype=dtype), {n: qwen_conditioning(s) for s, n in enumerate(("null", "source", "edit"))}
+
+
 def _lecun_state_dict(module: torch.nn.Module, seed: int) -> dict:
     """``module``'s state dict with LeCun-initialised weights (outputs of std ~1 per layer), zero biases and unit
     RMS-norm gains (ComfyUI's layers leave them uninitialised)."""
