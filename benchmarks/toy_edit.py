@@ -210,6 +210,7 @@ def run_edits(a: argparse.Namespace, indices: list[int], threads: int | None = N
     from PIL import Image
 
     from psedit_cli.pipeline import nodes
+    from psedit_toy import control_rows as CR
 
     nodes()._comfy.register_lpips_dirs([SHARED_TAESD.parent / "lpips"])  # ../shared/weights, then models/lpips
     lpips_dirs = nodes()._comfy.lpips_search_dirs()
@@ -236,9 +237,12 @@ def run_edits(a: argparse.Namespace, indices: list[int], threads: int | None = N
         images = [src, S.render(edit.target)[0]]
         for config in a.configs:
             method = inversion_method(config)
-            extra = inv.seconds["invert"] + (inv.seconds[method] if method else 0.0)
+            # the DDIM inversion the row samples: the shared one, or Plug-and-Play's own with the empty prompt
+            # (computed here once per photo, so its cost counts in every PnP row and the shared one's in none)
+            own = CR.inversion_for(config, world, inv, s)
+            extra = own.seconds["invert"] + (inv.seconds[method] if method else 0.0)
             extra += mask_seconds if config == "masked_estimated" else 0.0
-            evals = inv.evals["invert"] + (inv.evals[method] if method else 0)
+            evals = own.evals["invert"] + (inv.evals[method] if method else 0)
             if FR.is_flowedit(config):
                 extra, evals = 0.0, 0
             row, img = run_row(world, inv, edit, config, s, metrics, src, masks, extra, a.perceptual_target, evals)
