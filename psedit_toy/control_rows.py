@@ -13,7 +13,9 @@ features 0-0.8, PnP self-attention 0-0.5):
 - ``<row>+perceptual``: the P2P rows: the ``perceptual_x0`` row (triple guidance in 0-0.4, Perceptual Guidance x0 in
   0.2-0.8) on that MODEL, Perceptual Guidance given the local blend's MASK; ``pnp+perceptual``: the ``pnp`` row's
   CFG wrapped by Perceptual Guidance x0 in 0.2-0.8;
-- ``<row>_noblend``: a P2P row without the local blend (not in the default set).
+- ``<row>_noblend``: a P2P row without the local blend (not in the default set);
+- ``<row>+perceptual_full``: ``+perceptual`` with the full gradient and the SD1.5 edit workflow's beta and strength
+  (the ``perceptual_full`` row on the controlled MODEL; not in the default set).
 """
 
 from __future__ import annotations
@@ -91,10 +93,17 @@ def guider(config: str, world, inv, edit: E.Edit, s: pipeline.Settings, target: 
         else:
             window = g.StepWindowNode.execute(*s.text_window)[0]
             inner = g.TripleGuiderNode.execute(model, p.null, p.source, p.edit, s.gamma,
-                                               pipeline.beta_for("x0", s.beta), window, p.schedule)[0]
+                                               pipeline.beta_for(gradient(config), s.beta), window, p.schedule)[0]
         if "+perceptual" not in config:
             return inner
         pwindow = g.StepWindowNode.execute(*s.perceptual_window)[0]
-        return g.PerceptualGuidanceNode.execute(inner, world.vae, p.image, pipeline.strength_for("x0", s.strength),
-                                                s.lpips_net, "x0", s.decoder, "normalized", window=pwindow, mask=mask,
+        return g.PerceptualGuidanceNode.execute(inner, world.vae, p.image,
+                                                pipeline.strength_for(gradient(config), s.strength), s.lpips_net,
+                                                gradient(config), s.decoder, "normalized", window=pwindow, mask=mask,
                                                 target=target)[0]
+
+
+def gradient(config: str) -> str:
+    """Perceptual Guidance's gradient in a ``+perceptual`` row: ``x0`` (the Prompt-to-Prompt workflow's), or
+    ``full`` with the suffix ``+perceptual_full`` (the SD1.5 edit workflow's, with its beta and strength)."""
+    return "full" if config.endswith("+perceptual_full") else "x0"
