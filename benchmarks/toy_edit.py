@@ -86,16 +86,14 @@ DEFAULT_KNOBS = ("beta", "strength", "latent_strength")  # + flowedit_cfg with -
 
 
 def run_row(world, inv, edit, config, s, metrics, src, masks, extra_seconds, target="x0", extra_evals=0):
-    """One row's edit of one photo and its metrics; ``seconds`` and ``model_evals`` (network evaluations) count what
-    the row costs from the photo, its share of the inversion (``extra_*``) included."""
-    from psedit_toy import control_rows as CR
-
+    """One row's edit of one photo and its metrics, sampled from ``inv``, the row's own inversion
+    (``control_rows.inversion_for``); ``seconds`` and ``model_evals`` (network evaluations) count what the row costs
+    from the photo, its share of the inversion (``extra_*``) included."""
     t = time.perf_counter()
     with R.count_evals(world) as counter:
         if FR.is_flowedit(config):  # no inversion: from the photo's own latent
             img = FR.sample(world, inv, FR.guider(config, world, inv, s, mask=masks.get("masked_true"), target=target))
         else:
-            inv = CR.inversion_for(config, world, inv, s)
             img = R.sample(world, inv, row_guider(config, world, inv, edit, s, masks, target))
     row = metrics.row(edit, src, img)
     row["seconds"] = time.perf_counter() - t + extra_seconds
@@ -245,7 +243,7 @@ def run_edits(a: argparse.Namespace, indices: list[int], threads: int | None = N
             evals = own.evals["invert"] + (inv.evals[method] if method else 0)
             if FR.is_flowedit(config):
                 extra, evals = 0.0, 0
-            row, img = run_row(world, inv, edit, config, s, metrics, src, masks, extra, a.perceptual_target, evals)
+            row, img = run_row(world, own, edit, config, s, metrics, src, masks, extra, a.perceptual_target, evals)
             row.update(config=config, edit=i, kind=edit.kind, source=edit.source_caption, target=edit.edit_caption,
                        mask_iou=iou if config == "masked_estimated" else None)
             rows.append(row)

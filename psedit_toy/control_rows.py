@@ -82,6 +82,7 @@ def guider(config: str, world, inv, edit: E.Edit, s: pipeline.Settings, target: 
     g = pipeline.nodes().guidance
     model, mask = controlled_model(config, world, inv, edit)
     pnp = config.startswith("pnp")
+    grad = gradient(config)
     p = inv.prepared(None if pnp else "null-text")
     with torch.inference_mode():
         if pnp:  # the reference's CFG: the edit caption against the empty prompt
@@ -93,13 +94,12 @@ def guider(config: str, world, inv, edit: E.Edit, s: pipeline.Settings, target: 
         else:
             window = g.StepWindowNode.execute(*s.text_window)[0]
             inner = g.TripleGuiderNode.execute(model, p.null, p.source, p.edit, s.gamma,
-                                               pipeline.beta_for(gradient(config), s.beta), window, p.schedule)[0]
+                                               pipeline.beta_for(grad, s.beta), window, p.schedule)[0]
         if "+perceptual" not in config:
             return inner
         pwindow = g.StepWindowNode.execute(*s.perceptual_window)[0]
-        return g.PerceptualGuidanceNode.execute(inner, world.vae, p.image,
-                                                pipeline.strength_for(gradient(config), s.strength), s.lpips_net,
-                                                gradient(config), s.decoder, "normalized", window=pwindow, mask=mask,
+        return g.PerceptualGuidanceNode.execute(inner, world.vae, p.image, pipeline.strength_for(grad, s.strength),
+                                                s.lpips_net, grad, s.decoder, "normalized", window=pwindow, mask=mask,
                                                 target=target)[0]
 
 
