@@ -84,12 +84,16 @@ class EvalWorker:
 
     def setup(self) -> str:
         """Load everything; returns where this worker runs (host and device)."""
+        import torch
+
         from . import main as cli
         from .clip_metrics import ClipEmbedder
 
         logging.basicConfig(level=self.spec.log_level, format="%(levelname)s %(message)s")
         lpips_dirs = cli.setup_host(self.spec.comfyui, self.spec.scheduler, self.spec.lpips_dirs)
         device = cli.torch_device()
+        if device.type == "cpu":  # the worker holds one CPU slot (num_cpus=1): one torch thread, whatever
+            torch.set_num_threads(1)  # OMP_NUM_THREADS it inherited (Ray sets 1 only where the driver set none)
         self.metrics = ev.Metrics(ClipEmbedder(self.spec.clip, device=device), lpips_dirs, device=device)
         self.models = self.spec.loader(self.spec.checkpoint)
         return f"{socket.gethostname()} ({_device_name(device)}, pid {os.getpid()})"

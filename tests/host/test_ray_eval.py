@@ -93,16 +93,19 @@ def reference(inputs, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def local_ray():
-    """A local Ray with 2 CPUs: two workers, each one torch thread; they find tests/host on their PYTHONPATH."""
-    old = os.environ.get("PYTHONPATH")
-    os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(HOST_TESTS), old]))
+    """A local Ray with 2 CPUs: two workers; they find tests/host on their PYTHONPATH. They inherit OMP_NUM_THREADS=2,
+    as from a researcher's shell (Ray then keeps it), so each worker must take its one thread itself."""
+    saved = {k: os.environ.get(k) for k in ("PYTHONPATH", "OMP_NUM_THREADS")}
+    os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(HOST_TESTS), saved["PYTHONPATH"]]))
+    os.environ["OMP_NUM_THREADS"] = "2"
     ray.init(num_cpus=2, include_dashboard=False, logging_level="WARNING")
     yield ray
     ray.shutdown()
-    if old is None:
-        del os.environ["PYTHONPATH"]
-    else:
-        os.environ["PYTHONPATH"] = old
+    for key, value in saved.items():
+        if value is None:
+            del os.environ[key]
+        else:
+            os.environ[key] = value
 
 
 def files(out: Path) -> dict[str, bytes]:
