@@ -427,19 +427,27 @@ CONTROL_WORKFLOWS = {  # per workflow: the control node, and the overrides that 
 }
 
 
-def checkpoint_parts(family: str):
-    """A stand-in checkpoint: the tiny UNet of ``family`` with its real-tokenizer CLIP and the real TAESD (TAESD-XL
-    on SDXL) as its VAE, with ComfyUI's vae_approx / lpips folders pointed at ../shared/weights (Perceptual
-    Guidance's TAESD decoder and LPIPS trunk)."""
-    vae = tiny.taesd_vae(family)
-    if vae is None or not (tiny.WEIGHTS / "lpips" / "vgg16_features.pth").is_file():
-        pytest.skip(f"needs the real TAESD and LPIPS trunks in {tiny.WEIGHTS}")
-    tiny.register_shared_weights()
-    return build_unet(family), build_clip(family), vae
+@pytest.fixture(scope="module")
+def checkpoint_parts(comfyui):
+    """``checkpoint_parts(family)``: a stand-in checkpoint, built once per family: the tiny UNet with its
+    real-tokenizer CLIP and the real TAESD (TAESD-XL on SDXL) as its VAE, with ComfyUI's vae_approx / lpips folders
+    pointed at ../shared/weights (Perceptual Guidance's TAESD decoder and LPIPS trunk)."""
+    built = {}
+
+    def parts(family: str):
+        if family not in built:
+            vae = tiny.taesd_vae(family)
+            if vae is None or not (tiny.WEIGHTS / "lpips" / "vgg16_features.pth").is_file():
+                pytest.skip(f"needs the real TAESD and LPIPS trunks in {tiny.WEIGHTS}")
+            tiny.register_shared_weights()
+            built[family] = build_unet(family), build_clip(family), vae
+        return built[family]
+
+    return parts
 
 
 @pytest.fixture(scope="module")
-def workflow_parts(comfyui):
+def workflow_parts(checkpoint_parts):
     """The tiny SD1.5 checkpoint the SD1.5 workflows run on."""
     return checkpoint_parts("sd15")
 
@@ -509,7 +517,7 @@ EDIT_WORKFLOWS = {"psedit_edit_sd15": "sd15", "psedit_masked_edit_sd15": "sd15",
 
 
 @pytest.mark.parametrize("name", sorted(EDIT_WORKFLOWS))
-def test_edit_workflow_runs_on_a_tiny_model(name, comfyui):
+def test_edit_workflow_runs_on_a_tiny_model(name, checkpoint_parts):
     """The paper's pipeline workflows (SD1.5 edit and masked edit with the full gradient, SDXL with x0 and TAESD-XL)
     run from their API twins on a tiny checkpoint of their family: inversion, null-text inversion, Triple Guider and
     Perceptual Guidance all run, and the guidance acts (strength 0 gives another edit)."""

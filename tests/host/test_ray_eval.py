@@ -95,17 +95,12 @@ def reference(inputs, tmp_path_factory):
 def local_ray():
     """A local Ray with 2 CPUs: two workers; they find tests/host on their PYTHONPATH. They inherit OMP_NUM_THREADS=2,
     as from a researcher's shell (Ray then keeps it), so each worker must take its one thread itself."""
-    saved = {k: os.environ.get(k) for k in ("PYTHONPATH", "OMP_NUM_THREADS")}
-    os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(HOST_TESTS), saved["PYTHONPATH"]]))
-    os.environ["OMP_NUM_THREADS"] = "2"
-    ray.init(num_cpus=2, include_dashboard=False, logging_level="WARNING")
-    yield ray
-    ray.shutdown()
-    for key, value in saved.items():
-        if value is None:
-            del os.environ[key]
-        else:
-            os.environ[key] = value
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("PYTHONPATH", os.pathsep.join(filter(None, [str(HOST_TESTS), os.environ.get("PYTHONPATH")])))
+        mp.setenv("OMP_NUM_THREADS", "2")
+        ray.init(num_cpus=2, include_dashboard=False, logging_level="WARNING")
+        yield ray
+        ray.shutdown()
 
 
 def files(out: Path) -> dict[str, bytes]:
